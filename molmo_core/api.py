@@ -1,0 +1,107 @@
+"""`molmo_core.load(...)` -> `MolmoRunner`: the one object the app, the annotator and the trainer use."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .config import MolmoConfig
+from .errors import CheckpointError
+from .generation import GenerationOptions, generate_batch_text, stream_text
+from .model import Molmo
+from .preprocessing import MolmoProcessor, MolmoTokenizer, ProcessedInput
+from .weights import default_device, default_dtype, load_model, resolve_checkpoint
+
+ProgressFn = Callable[[float, str], None]
+
+
+class MolmoRunner:
+    """A loaded checkpoint: model + processor + generation. Thread-safe: one generation at a time."""
+
+    def __init__(self, model: Molmo, processor: MolmoProcessor, name: str, path: Path | None = None,
+                 quantize: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        self.path = path
+        self.quantize = quantize
+        self.lock = threading.Lock()
+
+    @property
+    def config(self) -> MolmoConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def process(self, image, prompt: str, history: Sequence[tuple[str, str]] = (),
+                max_crops: int | None = None) -> ProcessedInput:
+        return self.processor(image, prompt, history=history, max_crops=max_crops)
+
+    def stream(self, image, prompt: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 200,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+               max_crops: int | None = None) -> Iterator[str]:
+        """Text deltas of the answer. Raises MolmoInputError (before any generation) on bad input."""
+        inputs = self.process(image, prompt, history, max_crops)
+        opts = GenerationOptions(max_new_tokens, temperature, top_p, seed, tuple(stop))
+        with self.lock:
+            yield from stream_text(self.model, self.tokenizer, inputs, opts)
+
+    def generate(self, image, prompt: str, **kwargs) -> str:
+        return "".join(self.stream(image, prompt, **kwargs)).strip()
+
+    def generate_batch(self, requests: Sequence[tuple[object, str]], *, max_new_tokens: int = 200,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                       stop: Sequence[str] = ()) -> list[str]:
+        inputs = [self.process(image, prompt) for image, prompt in requests]
+        opts = GenerationOptions(max_new_tokens, temperature, top_p, seed, tuple(stop))
+        with self.lock:
+            return [t.strip() for t in generate_batch_text(self.model, self.tokenizer, inputs, opts)]
+
+    def memory_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load(source: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         quantize: str | None = None, max_crops: int = 12, progress: ProgressFn | None = None) -> MolmoRunner:
+    """Load an official Molmo v1 checkpoint from a local folder or a hub id.
+
+    Raises:
+        CheckpointError: not found, offline without a local copy, incomplete, or keys that do not match.
+    """
+    if quantize not in (None, "8bit", "4bit"):
+        raise CheckpointError(f"quantize must be None, '8bit' or '4bit'; got {quantize!r}.")
+    path = resolve_checkpoint(source, progress)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    devices = None
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    try:
+        tokenizer = MolmoTokenizer.from_dir(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Could not load the tokenizer in {path}: {e}") from e
+    model = load_model(path, device=device, dtype=dtype, quantize=quantize, devices=devices, progress=progress)
+    cfg = model.config
+    processor = MolmoProcessor(tokenizer, max_crops=max_crops, resize=cfg.resize,
+                               crop_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
+                               max_length=cfg.text.max_sequence_length)
+    if progress:
+        progress(1.0, "Ready")
+    return MolmoRunner(model, processor, name=str(source), path=path, quantize=quantize)

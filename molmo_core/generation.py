@@ -1,0 +1,217 @@
+"""Prefill / decode / sampling / stopping / streaming / batching.
+
+A batch of prompts is LEFT-padded with -1 (so every row's next token lands in the same cache slot);
+padding keys are masked, positions count real tokens only (cumsum - 1), so a row gives the same tokens
+alone or in a batch. The KV cache is static: allocated once for prompt + max_new_tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .model import Molmo
+from .preprocessing import MolmoTokenizer, ProcessedInput
+from .text import KVCache
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 200
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_on_eos: bool = True
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) int64, -1 = left padding
+    images: torch.Tensor | None = None  # (B, n_crops, 576, 588), -1 = padding crops
+    image_masks: torch.Tensor | None = None  # (B, n_crops, 576)
+    image_input_idx: torch.Tensor | None = None  # (B, n_crops, 144), -1/-100 = unused
+    extra: dict = field(default_factory=dict)
+
+    def to(self, device, dtype) -> "Batch":
+        f = lambda t, dt=None: None if t is None else t.to(device=device, dtype=dt or t.dtype)  # noqa: E731
+        return Batch(f(self.input_ids), f(self.images, dtype), f(self.image_masks, dtype), f(self.image_input_idx))
+
+
+def collate(inputs: Sequence[ProcessedInput]) -> Batch:
+    """Left-pad several processed inputs into one batch (ids, crops, masks, idx padded with -1)."""
+    B = len(inputs)
+    L = max(len(x.input_ids) for x in inputs)
+    ids = np.full((B, L), -1, dtype=np.int64)
+    with_images = [x for x in inputs if x.images is not None]
+    n_crops = max((x.images.shape[0] for x in with_images), default=0)
+    images = masks = idx = None
+    if with_images:
+        _, P, D = with_images[0].images.shape
+        images = np.full((B, n_crops, P, D), -1, dtype=np.float32)
+        masks = np.full((B, n_crops, P), -1, dtype=np.float32)
+        idx = np.full((B, n_crops, with_images[0].image_input_idx.shape[1]), -1, dtype=np.int64)
+    for b, x in enumerate(inputs):
+        pad = L - len(x.input_ids)
+        ids[b, pad:] = x.input_ids
+        if x.images is not None:
+            n = x.images.shape[0]
+            images[b, :n], masks[b, :n] = x.images, x.image_masks
+            idx[b, :n] = np.where(x.image_input_idx >= 0, x.image_input_idx + pad, -1)
+    t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    return Batch(t(ids), t(images), t(masks), t(idx))
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 = argmax; otherwise nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(model: Molmo, batch: Batch, opts: GenerationOptions, eos_id: int | None = None,
+                    suppress: Sequence[int] = ()) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) per step, until max_new_tokens or every row hit EOS.
+
+    Rows that finished keep receiving EOS (the caller ignores them)."""
+    batch = batch.to(model.device, model.dtype)
+    B, L = batch.input_ids.shape
+    max_len = L + opts.max_new_tokens
+    if max_len > model.config.text.max_sequence_length:
+        max_len = model.config.text.max_sequence_length
+    cache = KVCache(model.config.text, B, max_len, model.device, model.dtype)
+    gen = None
+    if opts.temperature > 0:
+        gen = torch.Generator(device=model.device)
+        gen.manual_seed(opts.seed if opts.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    valid = batch.input_ids != -1
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    logits = model(batch.input_ids, batch.images, batch.image_masks, batch.image_input_idx, position_ids=pos,
+                   cache=cache, cache_pos=torch.arange(L, device=model.device), last_only=True)[:, -1]
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    for step in range(max_len - L + 1):
+        if suppress:
+            logits[:, [i for i in suppress if i < logits.shape[-1]]] = float("-inf")
+        tok = sample(logits.float(), opts.temperature, opts.top_p, gen)
+        if eos_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+        yield tok
+        if eos_id is not None and opts.stop_on_eos:
+            done |= tok == eos_id
+            if bool(done.all()):
+                return
+        if step + 1 >= opts.max_new_tokens or L + step >= max_len:
+            return
+        slot = torch.tensor([L + step], device=model.device)
+        logits = model(tok[:, None], position_ids=next_pos, cache=cache, cache_pos=slot)[:, -1]
+        next_pos = next_pos + 1
+
+
+@torch.inference_mode()
+def greedy_uncached(model: Molmo, batch: Batch, n: int) -> list[int]:
+    """Reference decoding without a cache (a full forward per token); single row."""
+    batch = batch.to(model.device, model.dtype)
+    ids = batch.input_ids
+    out = []
+    for _ in range(n):
+        logits = model(ids, batch.images, batch.image_masks, batch.image_input_idx, last_only=True)[:, -1]
+        tok = logits.argmax(-1)
+        out.append(int(tok[0]))
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+    return out
+
+
+class TextStreamer:
+    """Turns token ids into text deltas; holds back incomplete UTF-8 and text that may start a stop string."""
+
+    def __init__(self, tokenizer: MolmoTokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                self.stopped = True
+                return self._emit(text[:cut])
+        if text.endswith("\ufffd"):
+            return ""
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text[: len(text) - hold])
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text: str) -> str:
+        delta = text[self.emitted:]
+        self.emitted = max(self.emitted, len(text))
+        return delta
+
+
+def stream_text(model: Molmo, tokenizer: MolmoTokenizer, inputs: ProcessedInput,
+                opts: GenerationOptions) -> Iterator[str]:
+    """Text deltas of one answer; stops on EOS and on any stop string."""
+    streamer = TextStreamer(tokenizer, opts.stop)
+    eos = tokenizer.special.eos
+    for tok in generate_tokens(model, collate([inputs]), opts, eos_id=eos, suppress=image_token_ids(tokenizer)):
+        t = int(tok[0])
+        if t == eos and opts.stop_on_eos:
+            break
+        delta = streamer.push(t)
+        if delta:
+            yield delta
+        if streamer.stopped:
+            return
+    tail = streamer.flush()
+    if tail:
+        yield tail
+
+
+def generate_batch_text(model: Molmo, tokenizer: MolmoTokenizer, inputs: Sequence[ProcessedInput],
+                        opts: GenerationOptions) -> list[str]:
+    eos = tokenizer.special.eos
+    rows: list[list[int]] = [[] for _ in inputs]
+    finished = [False] * len(inputs)
+    for tok in generate_tokens(model, collate(inputs), opts, eos_id=eos, suppress=image_token_ids(tokenizer)):
+        for b, t in enumerate(tok.tolist()):
+            if finished[b]:
+                continue
+            if t == eos and opts.stop_on_eos:
+                finished[b] = True
+            else:
+                rows[b].append(t)
+    out = []
+    for r in rows:
+        text = tokenizer.decode(r)
+        for s in opts.stop:
+            if s and s in text:
+                text = text[: text.index(s)]
+        out.append(text)
+    return out
+
+
+def image_token_ids(tokenizer: MolmoTokenizer) -> list[int]:
+    """The image special tokens lie inside the output vocabulary of the OLMo-based models; nothing in the
+    original masks them. Suppressing them when decoding text is a harmless safety measure (never used
+    in the parity path)."""
+    s = tokenizer.special
+    return [s.im_start, s.im_end, s.im_patch, s.im_col, s.image]

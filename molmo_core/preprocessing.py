@@ -1,0 +1,360 @@
+"""Image -> overlapping crops, patch masks, token layout and prompt ids, as the official processor does it.
+
+Pipeline for one image (see `../shared/reference/molmo_v1.md` section 5):
+  1. choose a tiling rows x cols (<= max_crops) for the image minus the 112-px overlap margin;
+  2. aspect-preserving antialiased bilinear resize into (rows*224+112, cols*224+112), centred zero pad,
+     CLIP-normalise; cut rows*cols overlapping 336x336 crops with stride 224;
+  3. a 336x336 global view of the whole image goes first;
+  4. per-patch validity fractions, with the official one-row shift (reproduced on purpose);
+  5. token block: global `<im_start>` 12 x (12 `<im_patch>` `<im_col>`) `<im_end>`, then the high-res
+     block over the (8*rows+4) x (8*cols+4) pooled grid, then " User: {prompt} Assistant:".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import MolmoInputError
+from .resize import resize_tf_antialias, resize_torch_antialias
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+EXTRA_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
+
+# Refuse images whose decoded size would be absurd before allocating them (the official crops never use
+# more than ~1.5 Mpx of the image anyway). 20000x20000 = 4e8 px is refused; a 12000x8000 photo passes.
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_FILE_BYTES = 200 * 1024 * 1024
+
+MARGIN = 4  # overlap margin in patches, left/top and right/bottom
+POOL = 2
+
+
+# ----------------------------------------------------------------------------------------- image input
+def load_image(image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Any accepted image input -> uint8 RGB array [H, W, 3].
+
+    Accepts a PIL image, a numpy array (HxW, HxWx3, HxWx4 uint8) or a path / bytes. EXIF orientation is
+    applied (as the training loader does) and the image is converted to RGB the way the later official
+    processor does (`Image.convert("RGB")`: grayscale replicated, alpha dropped without compositing).
+
+    Raises:
+        MolmoInputError: the file is empty, not an image, or larger than `max_pixels`.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise MolmoInputError(f"Image file not found: {path}")
+        size = path.stat().st_size
+        if size == 0:
+            raise MolmoInputError(f"The image file {path.name} is empty (0 bytes); upload a JPEG or PNG.")
+        if size > MAX_FILE_BYTES:
+            raise MolmoInputError(f"The image file {path.name} is {size / 2**20:.0f} MB; the limit is "
+                                  f"{MAX_FILE_BYTES // 2**20} MB. Resize it first.")
+        image = _open_pil(path, path.name, max_pixels)
+    elif isinstance(image, (bytes, bytearray)):
+        if len(image) == 0:
+            raise MolmoInputError("The image is empty (0 bytes); upload a JPEG or PNG.")
+        image = _open_pil(io.BytesIO(image), "upload", max_pixels)
+    if isinstance(image, Image.Image):
+        w, h = image.size
+        _check_pixels(w, h, max_pixels)
+        if w < 1 or h < 1:
+            raise MolmoInputError(f"The image has size {w}x{h}; expected at least 1x1 pixels.")
+        try:
+            image = ImageOps.exif_transpose(image)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            arr = np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise MolmoInputError(f"Could not decode the image ({e}); upload a valid JPEG or PNG.") from e
+        return arr
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise MolmoInputError(f"Image arrays must be uint8; got {image.dtype}.")
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise MolmoInputError(f"Image arrays must be HxW, HxWx3 or HxWx4; got shape {image.shape}.")
+        _check_pixels(image.shape[1], image.shape[0], max_pixels)
+        return np.ascontiguousarray(image[:, :, :3])
+    raise MolmoInputError(f"Unsupported image input of type {type(image).__name__}; "
+                          "expected a PIL image, a uint8 array or a file path.")
+
+
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise MolmoInputError(
+            f"The image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f} "
+            "megapixels. Downscale it first (Molmo sees at most ~1.5 megapixels anyway).")
+
+
+def _open_pil(fp, name: str, max_pixels: int) -> Image.Image:
+    try:
+        img = Image.open(fp)
+        w, h = img.size  # header only: nothing decoded yet
+        _check_pixels(w, h, max_pixels)
+        img.load()
+        return img
+    except MolmoInputError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise MolmoInputError(f"{name} is not a readable image ({type(e).__name__}: {e}); "
+                              "upload a JPEG, PNG, WebP or GIF file.") from e
+
+
+# ----------------------------------------------------------------------------------------- geometry
+def select_tiling(h: float, w: float, window: int, max_crops: int) -> tuple[int, int]:
+    """Pick rows x cols as the official processor does (h, w are the image size minus the margin).
+
+    Candidates (i, j) with i*j <= max_crops, sorted by (i*j, i). If no candidate covers the image
+    (every scale < 1) take the largest scale; otherwise the smallest scale >= 1 (first on ties).
+    Sides <= 112 px give negative sizes and degenerate to (1, 1), exactly like the original.
+    """
+    tilings = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1)
+                      if i * j <= max_crops), key=lambda t: (t[0] * t[1], t[0]))
+    cand = np.array(tilings, dtype=np.int32)  # [n, 2]
+    original = np.array([h, w], dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.min((cand * window).astype(np.float32) / original, axis=-1)  # [n]
+    if np.all(scale < 1):
+        ix = int(np.argmax(scale))
+    else:
+        ix = int(np.argmin(np.where(scale < 1.0, 1e10, scale)))
+    return int(cand[ix, 0]), int(cand[ix, 1])
+
+
+def resize_and_pad(image: np.ndarray, out_h: int, out_w: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [H, W, 3] -> float32 [out_h, out_w, 3] in [0, 1], centred zero pad, plus the bool mask."""
+    h, w = image.shape[:2]
+    scale = min(np.float32(out_h) / np.float32(h), np.float32(out_w) / np.float32(w))
+    sh, sw = int(np.float32(h) * scale), int(np.float32(w) * scale)
+    x = image.astype(np.float32) * np.float32(1.0 / 255.0) if resize == "tf" else image.astype(np.float32) / 255.0
+    if resize == "tf":
+        x = resize_tf_antialias(x, sh, sw)
+    else:
+        x = resize_torch_antialias(x, sh, sw)
+    x = np.clip(x, 0.0, 1.0)
+    top, left = (out_h - sh) // 2, (out_w - sw) // 2
+    pad = ((top, out_h - sh - top), (left, out_w - sw - left))
+    mask = np.pad(np.ones((sh, sw), dtype=bool), pad)
+    x = np.pad(x, pad + ((0, 0),), constant_values=0.0)
+    return x, mask
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    return ((x - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).astype(np.float32)
+
+
+def to_patches(x: np.ndarray, patch: int) -> np.ndarray:
+    """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C], patches row-major, each flattened (dy, dx, c)."""
+    *lead, H, W, C = x.shape
+    x = x.reshape(*lead, H // patch, patch, W // patch, patch, C)
+    x = np.moveaxis(x, -3, -4)  # [..., h, w, dy, dx, C]
+    return x.reshape(*lead, (H // patch) * (W // patch), patch * patch * C)
+
+
+@dataclass
+class ImageInputs:
+    images: np.ndarray  # float32 [n_crops, 576, 588]: global view first, then tiles row-major
+    image_masks: np.ndarray  # float32 [n_crops, 576], with the official one-row shift
+    image_tokens: np.ndarray  # int64 [n_image_tokens]
+    patch_positions: np.ndarray  # int32 [n_crops, 144]: index into image_tokens, -100 = not used
+    tiling: tuple[int, int]
+
+
+def process_image(image: np.ndarray, *, special: "SpecialTokens", max_crops: int = 12,
+                  resize: str = "tf", crop_size: int = 336, patch: int = 14) -> ImageInputs:
+    """Crops, masks and the image token block for one uint8 RGB image."""
+    n_side = crop_size // patch  # 24 patches per crop side
+    tok_side = n_side // POOL  # 12 pooled tokens per crop side
+    window_patches = n_side - 2 * MARGIN  # 16
+    window = window_patches * patch  # 224 px
+    margin_px = 2 * MARGIN * patch  # 112 px
+    H, W = image.shape[:2]
+
+    rows, cols = select_tiling(H - margin_px, W - margin_px, window, max_crops)
+    big, big_mask = resize_and_pad(image, rows * window + margin_px, cols * window + margin_px, resize)
+    big = normalize(big)
+    crops, crop_masks = [], []
+    for r in range(rows):
+        for c in range(cols):
+            y0, x0 = r * window, c * window
+            crops.append(big[y0:y0 + crop_size, x0:x0 + crop_size])
+            crop_masks.append(big_mask[y0:y0 + crop_size, x0:x0 + crop_size])
+    glob, _ = resize_and_pad(image, crop_size, crop_size, resize)
+    crops = np.stack([normalize(glob)] + crops)  # [1 + rows*cols, 336, 336, 3]
+    masks = to_patches(np.stack(crop_masks)[..., None], patch).astype(np.float32).mean(-1)  # [rows*cols, 576]
+    # The official processor appends a row of -1 to the TILE masks and pairs them with [global, tiles...]:
+    # the global view gets tile 0's mask, tile k gets tile k+1's, the last tile gets -1 ("partial pad").
+    # The released checkpoints were trained this way, so it is reproduced on purpose.
+    masks = np.concatenate([masks, np.full((1, n_side * n_side), -1.0, np.float32)], 0)
+
+    # Token block. Pooled grid of the high-res view: R x C cells; every crop keeps a non-overlapping part.
+    R, C = rows * (window_patches // POOL) + 2 * (MARGIN // POOL), cols * (window_patches // POOL) + 2 * (MARGIN // POOL)
+    glob_row = [special.im_patch] * tok_side + [special.im_col]
+    hi_row = [special.im_patch] * C + [special.im_col]
+    tokens = ([special.im_start] + glob_row * tok_side + [special.im_end]
+              + [special.im_start] + hi_row * R + [special.im_end])
+    hi_start = 1 + tok_side * (tok_side + 1) + 1 + 1  # index of the first high-res <im_patch>
+
+    positions = np.full((1 + rows * cols, tok_side * tok_side), -100, dtype=np.int32)
+    k = np.arange(tok_side * tok_side)
+    positions[0] = 1 + (k // tok_side) * (tok_side + 1) + k % tok_side
+    for r in range(rows):
+        for c in range(cols):
+            top = 0 if r == 0 else MARGIN // POOL  # first kept pooled row inside this crop
+            left = 0 if c == 0 else MARGIN // POOL
+            kh = window_patches // POOL + (MARGIN // POOL) * ((r == 0) + (r == rows - 1))  # kept rows
+            kw = window_patches // POOL + (MARGIN // POOL) * ((c == 0) + (c == cols - 1))
+            g_top = 0 if r == 0 else r * (window_patches // POOL) + MARGIN // POOL  # grid row of `top`
+            g_left = 0 if c == 0 else c * (window_patches // POOL) + MARGIN // POOL
+            pr, pc = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
+            cell = (top + pr) * tok_side + (left + pc)  # pooled cell inside the crop's 12x12 grid
+            positions[1 + r * cols + c, cell.ravel()] = (hi_start + (g_top + pr) * (C + 1) + g_left + pc).ravel()
+    return ImageInputs(
+        images=to_patches(crops, patch),
+        image_masks=masks,
+        image_tokens=np.array(tokens, dtype=np.int64),
+        patch_positions=positions,
+        tiling=(rows, cols),
+    )
+
+
+def image_token_count(h: int, w: int, max_crops: int = 12) -> int:
+    """Number of image tokens for an h x w image (160 + (8 rows + 4)(8 cols + 5))."""
+    rows, cols = select_tiling(h - 112, w - 112, 224, max_crops)
+    return 160 + (8 * rows + 4) * (8 * cols + 5)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+@dataclass(frozen=True)
+class SpecialTokens:
+    im_start: int
+    im_end: int
+    im_patch: int
+    im_col: int
+    image: int
+    bos: int
+    eos: int
+
+
+class MolmoTokenizer:
+    """Thin wrapper over a `tokenizers.Tokenizer` built from the checkpoint's tokenizer files."""
+
+    def __init__(self, backend, eos_token: str = "<|endoftext|>", bos_token: str | None = None):
+        self.backend = backend
+        ids = self.encode("".join(EXTRA_TOKENS))
+        if len(ids) != len(EXTRA_TOKENS):
+            raise ValueError(f"The tokenizer does not know Molmo's image tokens {EXTRA_TOKENS}: encoding them "
+                             f"gave {len(ids)} ids {ids[:8]}, expected 5. Is this a Molmo tokenizer?")
+        eos = backend.token_to_id(eos_token)
+        if eos is None:
+            raise ValueError(f"The tokenizer has no EOS token {eos_token!r}.")
+        bos = backend.token_to_id(bos_token) if bos_token else None
+        self.special = SpecialTokens(*ids, bos=eos if bos is None else bos, eos=eos)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "MolmoTokenizer":
+        path = Path(path)
+        cfg = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (path / name).is_file():
+                cfg.update({k: v for k, v in json.loads((path / name).read_text()).items() if v is not None})
+
+        def token(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        eos, bos = token(cfg.get("eos_token")) or "<|endoftext|>", token(cfg.get("bos_token"))
+        if (path / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            # No fast tokenizer file (e.g. copies of the 7B-D folder): let transformers convert
+            # vocab.json + merges.txt (+ added_tokens.json) exactly as the official loader does.
+            from transformers import AutoTokenizer
+
+            backend = AutoTokenizer.from_pretrained(str(path))._tokenizer
+        else:
+            raise FileNotFoundError(f"No tokenizer.json (or vocab.json + merges.txt) in {path}.")
+        return cls(backend, eos_token=eos, bos_token=bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------- prompt
+def format_prompt(prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """Text pieces tokenized separately, as the training formatter does:
+    " User: q1 Assistant:", " a1", <EOS>, " User: q2 Assistant:", ... (EOS marked by None)."""
+    pieces: list = []
+    for q, a in history:
+        pieces += [f" User: {q} Assistant:", f" {a}", None]
+    pieces.append(f" User: {prompt} Assistant:")
+    return pieces
+
+
+@dataclass
+class ProcessedInput:
+    input_ids: np.ndarray  # int64 [L]
+    images: np.ndarray | None  # float32 [n_crops, 576, 588]
+    image_masks: np.ndarray | None  # float32 [n_crops, 576]
+    image_input_idx: np.ndarray | None  # int32 [n_crops, 144]: sequence position of each pooled token
+    tiling: tuple[int, int] | None = None
+    image_size: tuple[int, int] | None = None  # (W, H) of the RGB image the model saw
+
+
+class MolmoProcessor:
+    """`processor(image, prompt) -> ProcessedInput` with the official layout: BOS, image, text."""
+
+    def __init__(self, tokenizer: MolmoTokenizer, *, max_crops: int = 12, resize: str = "tf",
+                 crop_size: int = 336, patch_size: int = 14, max_length: int = 4096):
+        self.tokenizer = tokenizer
+        self.max_crops = max_crops
+        self.resize = resize
+        self.crop_size = crop_size
+        self.patch_size = patch_size
+        self.max_length = max_length
+
+    def __call__(self, image, prompt: str, history: Sequence[tuple[str, str]] = (),
+                 max_crops: int | None = None) -> ProcessedInput:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise MolmoInputError("The prompt is empty; type a question or an instruction.")
+        sp = self.tokenizer.special
+        text_ids: list[int] = []
+        for piece in format_prompt(prompt, history):
+            text_ids += [sp.eos] if piece is None else self.tokenizer.encode(piece)
+        if image is None:
+            ids = np.array([sp.bos] + text_ids, dtype=np.int64)
+            self._check_length(len(ids))
+            return ProcessedInput(ids, None, None, None)
+        rgb = load_image(image)
+        img = process_image(rgb, special=sp, max_crops=max_crops or self.max_crops, resize=self.resize,
+                            crop_size=self.crop_size, patch=self.patch_size)
+        ids = np.concatenate([[sp.bos], img.image_tokens, text_ids]).astype(np.int64)
+        self._check_length(len(ids))
+        idx = np.where(img.patch_positions >= 0, img.patch_positions + 1, img.patch_positions)  # +1 for BOS
+        return ProcessedInput(ids, img.images, img.image_masks, idx.astype(np.int32), img.tiling,
+                              (rgb.shape[1], rgb.shape[0]))
+
+    def _check_length(self, n: int) -> None:
+        if n > self.max_length:
+            raise MolmoInputError(
+                f"The input is {n} tokens long; this model's context holds {self.max_length}. "
+                "Shorten the prompt or the conversation, or lower max crops.")

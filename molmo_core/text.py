@@ -1,0 +1,217 @@
+"""Decoder of Molmo v1: Qwen2-style (7B-D, 72B), OLMo-style with QK-norm and post-norm (7B-O), and the
+OLMoE-style mixture of experts (MolmoE-1B).
+
+Notable features (module names mirror the checkpoint keys under `model.transformer.`):
+  * `wte.embedding` [embedding_size, d] + `wte.new_embedding` [128, d]: one table, two tensors;
+  * fused `att_proj` rows [q | k | v] (+ bias for Qwen-based models); QK-norm over the *full* q and k
+    vectors before the head split (7B-O, MolmoE);
+  * fused `ff_proj` rows [up | gate]: `silu(gate) * up`;
+  * 7B-O is post-norm: x + attn_norm(attn(x)), x + ff_norm(mlp(x));
+  * MolmoE: router softmax in fp32 over 64 experts, top-8 probabilities *not* renormalised;
+  * RMSNorm normalises in fp32, casts back, then multiplies by the weight;
+  * RoPE (rotate-half) in fp32 on explicit position ids; untied LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) -> cos, sin (B, 1, T, head_dim) in float32 (the table is cat(freqs, freqs))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Static, preallocated key/value cache for all layers.
+
+    k[layer], v[layer]: (B, n_kv_heads, max_len, head_dim). `valid` (B, max_len) marks real (non-padding)
+    key positions. Positions are written by `cache_pos` (T,) indices shared by the batch.
+    """
+
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+
+    def mask(self, cache_pos: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, max_len) bool: causal, real keys only; each query may always see itself (so rows of
+        padding queries never become empty, which would give NaN)."""
+        key = torch.arange(self.max_len, device=cache_pos.device)
+        causal = key[None, :] <= cache_pos[:, None]  # (T, S)
+        self_only = key[None, :] == cache_pos[:, None]
+        return ((causal[None] & self.valid[:, None, :]) | self_only[None])[:, None]
+
+
+def attention_mask(valid: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Uncached mask: valid (B, T) -> (B, 1, T, T) bool; `allowed` (B, T, T) adds extra constraints
+    (e.g. packed annotations that must not see each other)."""
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    m = causal[None] & valid[:, None, :]
+    if allowed is not None:
+        m = m & allowed
+    m = m | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+    return m[:, None]
+
+
+class Attention(nn.Module):
+    """att_proj -> (QK-norm) -> RoPE -> cache -> SDPA (GQA) -> attn_out. Used by the dense and MoE blocks."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.att_proj = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        self.attn_out = nn.Linear(cfg.q_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.q_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.kv_dim, cfg.norm_eps)
+
+    def attend(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_pos) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.att_proj(x).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q).to(k.dtype), self.k_norm(k).to(k.dtype)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[layer].index_copy_(2, cache_pos, k)
+            cache.v[layer].index_copy_(2, cache_pos, v)
+            k, v = cache.k[layer], cache.v[layer]  # (B, nkv, max_len, hd)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+        return self.attn_out(att.transpose(1, 2).reshape(B, T, cfg.q_dim))
+
+
+class DenseBlock(Attention):
+    """`model.transformer.blocks.{i}` of the dense checkpoints (attention and MLP weights side by side)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg)
+        self.ff_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden // 2, cfg.d_model, bias=False)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        up, gate = self.ff_proj(x).chunk(2, dim=-1)
+        return self.ff_out(F.silu(gate) * up)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=None) -> torch.Tensor:
+        if self.cfg.norm_after:  # 7B-O (OLMo-2): normalise the branch outputs
+            x = x + self.attn_norm(self.attend(x, cos, sin, mask, cache, layer, cache_pos))
+            return x + self.ff_norm(self.mlp(x))
+        x = x + self.attend(self.attn_norm(x), cos, sin, mask, cache, layer, cache_pos)
+        return x + self.mlp(self.ff_norm(x))
+
+
+class MoEAttention(Attention):
+    """`blocks.{i}.attn` of MolmoE: the attention module also owns the pre-norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Expert(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """`blocks.{i}.mlp` of MolmoE: ff_norm -> router -> top-k experts, weights not renormalised."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.moe_top_k
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.gate = nn.Linear(cfg.d_model, cfg.moe_num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.moe_expert_hidden) for _ in range(cfg.moe_num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        h = self.ff_norm(x).reshape(B * T, D)
+        probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)  # (N, n_experts)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = weights.to(h.dtype)
+        out = torch.zeros_like(h)
+        # Group tokens by expert: one matmul per used expert instead of a loop over tokens.
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts[e](h[rows]) * weights[rows, slot, None])
+        return out.view(B, T, D)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.attn = MoEAttention(cfg)
+        self.mlp = SparseMoE(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=None) -> torch.Tensor:
+        x = x + self.attn.attend(self.attn.attn_norm(x), cos, sin, mask, cache, layer, cache_pos)
+        return x + self.mlp(x)
+
+
+class Embedding(nn.Module):
+    """`wte`: base rows + 128 extra rows, looked up as one table without concatenating them."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(cfg.embedding_size, cfg.d_model))
+        self.new_embedding = nn.Parameter(torch.zeros(cfg.additional_vocab_size, cfg.d_model))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = self.embedding.shape[0]
+        base = F.embedding(ids.clamp(max=n - 1), self.embedding)
+        extra = F.embedding((ids - n).clamp(min=0), self.new_embedding)
+        return torch.where((ids >= n)[..., None], extra, base)
+
+
+class Transformer(nn.Module):
+    """`model.transformer`: wte -> blocks -> ln_f (-> ff_out, the dense LM head)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.wte = Embedding(cfg)
+        block = MoEBlock if cfg.is_moe else DenseBlock
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.is_moe:
+            self.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)

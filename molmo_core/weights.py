@@ -1,0 +1,270 @@
+"""Find a checkpoint (local folder or hub id), map the official keys, stream tensors to device and dtype.
+
+Loading never materialises the float32 checkpoint in host memory: the model is built on the `meta`
+device, and every tensor is read from its file on its own (plain reads, no mmap), converted to the target
+dtype, moved to its device and assigned, then the float32 copy is dropped. Peak host memory is about the
+target-dtype model (when loading to CPU) plus one float32 tensor.
+
+Key mapping: the module tree mirrors the official names, so the table is nearly the identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import MolmoConfig
+from .errors import CheckpointError
+from .model import Molmo
+
+# fmt: off
+# official key (regex)                        our parameter name (None = drop)
+KEY_MAP: list[tuple[str, str | None]] = [
+    (r"^model\.(transformer\..*)$",             r"\1"),
+    (r"^model\.(vision_backbone\..*)$",         r"\1"),
+    (r"^(lm_head\.weight)$",                    r"\1"),   # MolmoE: top-level LM head
+    (r"^model\.lm_head\.weight$",               "lm_head.weight"),
+]
+# fmt: on
+
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.txt", "*.model")
+ProgressFn = Callable[[float, str], None]
+
+
+def map_key(key: str) -> str | None:
+    for pattern, repl in KEY_MAP:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key) if repl is not None else None
+    return key  # unknown prefix: reported as unexpected by the caller
+
+
+# ----------------------------------------------------------------------------------------- locating
+def resolve_checkpoint(source: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
+    """A local folder as is, or a hub id downloaded (with progress) into the hub cache.
+
+    Raises:
+        CheckpointError: the folder lacks files, or the hub id cannot be fetched (offline) and is not cached.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        check_checkpoint_dir(path)
+        return path
+    text = str(source)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise CheckpointError(f"{text!r} is neither an existing folder nor a hub id like 'allenai/Molmo-7B-D-0924'.")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover
+        raise CheckpointError("huggingface_hub is not installed; pass a local folder instead.") from e
+    try:
+        local = snapshot_download(text, local_files_only=True, allow_patterns=list(WEIGHT_PATTERNS))
+        check_checkpoint_dir(Path(local))
+        return Path(local)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise CheckpointError(_offline_message(text))
+    try:
+        if progress:
+            progress(0.0, f"Downloading {text} from the Hugging Face hub...")
+        local = snapshot_download(text, allow_patterns=list(WEIGHT_PATTERNS))
+    except Exception as e:
+        raise CheckpointError(f"Could not download {text}: {type(e).__name__}: {e}\n\n" + _offline_message(text)) from e
+    check_checkpoint_dir(Path(local))
+    return Path(local)
+
+
+def _offline_message(repo_id: str) -> str:
+    name = repo_id.split("/")[-1]
+    return (
+        f"The checkpoint {repo_id} is not on this machine and the hub is not reachable.\n"
+        f"Download it on a machine with internet access:\n"
+        f"    huggingface-cli download {repo_id} --local-dir ./checkpoints/{name}\n"
+        f"copy the folder here, and start with  --model ./checkpoints/{name}"
+    )
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: sharded or single safetensors, else pytorch_model*.bin."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} is missing shard(s) {', '.join(missing)} listed in "
+                                  "model.safetensors.index.json; download them again.")
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"No weights in {path}: expected model.safetensors (or shards with "
+                              "model.safetensors.index.json) or pytorch_model.bin.")
+    return files
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: expected an official Molmo checkpoint folder "
+                              "(config.json, tokenizer files, model*.safetensors or pytorch_model.bin).")
+    weight_files(path)
+
+
+# ----------------------------------------------------------------------------------------- reading
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def iter_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """Yield (key, read) pairs; `read()` loads that one tensor with a plain file read."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    header.pop("__metadata__", None)
+    for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, end = info["data_offsets"]
+
+        def read(start=start, end=end, info=info) -> torch.Tensor:
+            with open(file, "rb") as f:
+                f.seek(base + start)
+                buf = bytearray(f.read(end - start))
+            dtype = _ST_DTYPES[info["dtype"]]
+            if end == start:
+                return torch.empty(info["shape"], dtype=dtype)
+            return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+        yield key, read
+
+
+def iter_torch_bin(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """pytorch_model.bin (MolmoE): memory-mapped so only the tensor being converted is paged in."""
+    try:
+        sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"Could not read {file.name}: {type(e).__name__}: {e}") from e
+    for key in list(sd):
+        yield key, (lambda key=key: sd.pop(key))
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    for file in files:
+        yield from (iter_safetensors(file) if file.suffix == ".safetensors" else iter_torch_bin(file))
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def load_state_streaming(
+    model: nn.Module,
+    files: list[Path],
+    *,
+    dtype: torch.dtype,
+    device_for: Callable[[str], torch.device | str],
+    quantizer: Callable[[nn.Module, str, torch.Tensor], bool] | None = None,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Assign every official tensor to `model` (built on meta), converting one tensor at a time.
+
+    Raises:
+        CheckpointError: naming every missing, unexpected or mis-shaped key.
+    """
+    expected = dict(model.named_parameters())
+    entries = list(iter_checkpoint(files))
+    seen: set[str] = set()
+    unexpected, bad_shape = [], []
+    for i, (key, read) in enumerate(entries):
+        name = map_key(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        t = read()
+        if tuple(t.shape) != tuple(expected[name].shape):
+            bad_shape.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}")
+            continue
+        t = t.to(dtype=dtype if t.is_floating_point() else t.dtype)
+        if quantizer is None or not quantizer(model, name, t):
+            _set_param(model, name, t.to(device_for(name)))
+        seen.add(name)
+        del t
+        if progress and (i % 16 == 0 or i == len(entries) - 1):
+            progress((i + 1) / len(entries), f"Loading weights {i + 1}/{len(entries)}")
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): " + ", ".join("model." + m for m in missing[:20]))
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+        if bad_shape:
+            parts.append("shape mismatches: " + "; ".join(bad_shape[:10]))
+        raise CheckpointError("The checkpoint does not match the model built from its config.json: "
+                              + " | ".join(parts) + ". Is the folder complete and config.json the original one?")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (never fp16: the ViT overflows), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_meta_model(config: MolmoConfig) -> Molmo:
+    with torch.device("meta"):
+        return Molmo(config).eval()
+
+
+def layer_placement(config: MolmoConfig, devices: list[torch.device]) -> Callable[[str], torch.device]:
+    """Split decoder blocks evenly across devices (Molmo-72B on several GPUs). Vision + embeddings live
+    on the first device, ln_f and the LM head on the last."""
+    n = config.text.n_layers
+    per = -(-n // len(devices))
+
+    def device_for(name: str) -> torch.device:
+        m = re.match(r"transformer\.blocks\.(\d+)\.", name)
+        if m:
+            return devices[int(m.group(1)) // per]
+        if name.startswith(("transformer.ln_f", "transformer.ff_out", "lm_head")):
+            return devices[-1]
+        return devices[0]
+
+    return device_for
+
+
+def load_model(path: Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+               quantize: str | None = None, devices: list[torch.device] | None = None,
+               progress: ProgressFn | None = None) -> Molmo:
+    """Build the model from `path/config.json` and stream the weights in."""
+    config = MolmoConfig.from_pretrained_dir(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    model = build_meta_model(config)
+    if devices and len(devices) > 1:
+        device_for = layer_placement(config, devices)
+    else:
+        def device_for(name: str) -> torch.device:
+            return device
+    quantizer = None
+    if quantize:
+        from .quantize import make_quantizer
+
+        quantizer = make_quantizer(quantize, dtype, device_for)
+    load_state_streaming(model, weight_files(path), dtype=dtype, device_for=device_for, quantizer=quantizer,
+                         progress=progress)
+    return model.eval()
