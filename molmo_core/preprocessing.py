@@ -99,7 +99,11 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
 
 def _open_pil(fp, name: str, max_pixels: int) -> Image.Image:
     try:
-        img = Image.open(fp)
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit below, with a clearer message
+        try:
+            img = Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
         w, h = img.size  # header only: nothing decoded yet
         _check_pixels(w, h, max_pixels)
         img.load()

@@ -12,7 +12,6 @@ larger). The tokenizer is a small byte-level BPE trained here, with each family'
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -43,11 +42,11 @@ VARIANTS: dict[str, MolmoConfig] = {
                                 qkv_bias=False, qk_norm=True, moe_num_experts=8, moe_top_k=2, moe_expert_hidden=32),
                      vision=TINY_VISION, connector=ConnectorConfig(projector_hidden=32), resize="torch",
                      crop_mask="moe"),
-    # A mid-size dense model (~100 M parameters, ~400 MB in fp32) with the real ViT geometry but narrower.
-    "mid": MolmoConfig(text=_text(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, mlp_hidden=2816,
+    # A mid-size dense model (~135 M parameters, ~540 MB in fp32) with the real ViT geometry but narrower.
+    "mid": MolmoConfig(text=_text(d_model=768, n_layers=12, n_heads=12, n_kv_heads=3, head_dim=64, mlp_hidden=4096,
                                   vocab_size=32768, embedding_size=32768),
                        vision=VisionConfig(width=256, num_heads=4, head_dim=64, num_layers=12, mlp_dim=1024),
-                       connector=ConnectorConfig(projector_hidden=1408)),
+                       connector=ConnectorConfig(projector_hidden=2048)),
 }
 # fmt: on
 

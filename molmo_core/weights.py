@@ -123,8 +123,29 @@ _ST_DTYPES = {
 }
 
 
-def iter_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """Yield (key, read) pairs; `read()` loads that one tensor with a plain file read."""
+CHUNK_BYTES = 16 * 1024 * 1024
+Reader = Callable[[torch.dtype, "torch.device | str"], torch.Tensor]
+
+
+def _convert_chunked(src_rows: Callable[[int, int], torch.Tensor], shape: list[int], src_dtype: torch.dtype,
+                     dtype: torch.dtype, device) -> torch.Tensor:
+    """Fill a new (shape, dtype, device) tensor from row ranges of the source, CHUNK_BYTES at a time, so the
+    host never holds a whole float32 tensor next to its converted copy."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if out.numel() == 0:
+        return out
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, out.numel() // rows) * torch.empty((), dtype=src_dtype).element_size()
+    step = max(1, CHUNK_BYTES // row_bytes)
+    flat = out.view(rows, -1)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        flat[r0:r1].copy_(src_rows(r0, r1).reshape(r1 - r0, -1))
+    return out
+
+
+def iter_safetensors(file: Path) -> Iterator[tuple[str, tuple[int, ...], Reader]]:
+    """Yield (key, shape, read) triples; `read(dtype, device)` loads that one tensor with plain file reads."""
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -132,30 +153,41 @@ def iter_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tenso
     header.pop("__metadata__", None)
     for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         start, end = info["data_offsets"]
+        src_dtype, shape = _ST_DTYPES[info["dtype"]], list(info["shape"])
 
-        def read(start=start, end=end, info=info) -> torch.Tensor:
+        def read(dtype, device, start=start, end=end, src_dtype=src_dtype, shape=shape) -> torch.Tensor:
+            dtype = dtype if src_dtype.is_floating_point else src_dtype
+            rows = shape[0] if shape else 1
+            row_bytes = (end - start) // rows if rows else 0
             with open(file, "rb") as f:
-                f.seek(base + start)
-                buf = bytearray(f.read(end - start))
-            dtype = _ST_DTYPES[info["dtype"]]
-            if end == start:
-                return torch.empty(info["shape"], dtype=dtype)
-            return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+                def src_rows(r0: int, r1: int) -> torch.Tensor:
+                    f.seek(base + start + r0 * row_bytes)
+                    return torch.frombuffer(bytearray(f.read((r1 - r0) * row_bytes)), dtype=src_dtype)
 
-        yield key, read
+                return _convert_chunked(src_rows, shape, src_dtype, dtype, device)
+
+        yield key, tuple(shape), read
 
 
-def iter_torch_bin(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """pytorch_model.bin (MolmoE): memory-mapped so only the tensor being converted is paged in."""
+def iter_torch_bin(file: Path) -> Iterator[tuple[str, tuple[int, ...], Reader]]:
+    """pytorch_model.bin (MolmoE): memory-mapped, converted chunk by chunk like the safetensors path."""
     try:
         sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"Could not read {file.name}: {type(e).__name__}: {e}") from e
     for key in list(sd):
-        yield key, (lambda key=key: sd.pop(key))
+        t = sd[key]
+
+        def read(dtype, device, key=key) -> torch.Tensor:
+            src = sd.pop(key)
+            dtype = dtype if src.is_floating_point() else src.dtype
+            flat = src.reshape(src.shape[0] if src.ndim else 1, -1)
+            return _convert_chunked(lambda r0, r1: flat[r0:r1], list(src.shape), src.dtype, dtype, device)
+
+        yield key, tuple(t.shape), read
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, tuple[int, ...], Reader]]:
     for file in files:
         yield from (iter_safetensors(file) if file.suffix == ".safetensors" else iter_torch_bin(file))
 
@@ -173,7 +205,7 @@ def load_state_streaming(
     *,
     dtype: torch.dtype,
     device_for: Callable[[str], torch.device | str],
-    quantizer: Callable[[nn.Module, str, torch.Tensor], bool] | None = None,
+    quantizer=None,
     progress: ProgressFn | None = None,
 ) -> None:
     """Assign every official tensor to `model` (built on meta), converting one tensor at a time.
@@ -185,22 +217,21 @@ def load_state_streaming(
     entries = list(iter_checkpoint(files))
     seen: set[str] = set()
     unexpected, bad_shape = [], []
-    for i, (key, read) in enumerate(entries):
+    for i, (key, shape, read) in enumerate(entries):
         name = map_key(key)
         if name is None:
             continue
         if name not in expected:
             unexpected.append(key)
             continue
-        t = read()
-        if tuple(t.shape) != tuple(expected[name].shape):
-            bad_shape.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}")
+        if shape != tuple(expected[name].shape):
+            bad_shape.append(f"{key}: checkpoint {shape}, model {tuple(expected[name].shape)}")
             continue
-        t = t.to(dtype=dtype if t.is_floating_point() else t.dtype)
-        if quantizer is None or not quantizer(model, name, t):
-            _set_param(model, name, t.to(device_for(name)))
+        if quantizer is not None and quantizer.wants(name):
+            quantizer(model, name, read(dtype, "cpu"))
+        else:
+            _set_param(model, name, read(dtype, device_for(name)))
         seen.add(name)
-        del t
         if progress and (i % 16 == 0 or i == len(entries) - 1):
             progress((i + 1) / len(entries), f"Loading weights {i + 1}/{len(entries)}")
     missing = sorted(set(expected) - seen)
