@@ -213,7 +213,7 @@ def load_state_streaming(
     Raises:
         CheckpointError: naming every missing, unexpected or mis-shaped key.
     """
-    expected = dict(model.named_parameters())
+    expected = {n: p for n, p in model.named_parameters()}
     entries = list(iter_checkpoint(files))
     seen: set[str] = set()
     unexpected, bad_shape = [], []
@@ -296,6 +296,7 @@ def load_model(path: Path, *, device: torch.device | str | None = None, dtype: t
         from .quantize import make_quantizer
 
         quantizer = make_quantizer(quantize, dtype, device_for)
+        quantizer.prepare(model)
     load_state_streaming(model, weight_files(path), dtype=dtype, device_for=device_for, quantizer=quantizer,
                          progress=progress)
     return model.eval()

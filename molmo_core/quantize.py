@@ -1,0 +1,72 @@
+"""8-bit / 4-bit (NF4) weights for the decoder's linear layers through bitsandbytes.
+
+Only the decoder blocks' projections are quantized. The vision tower, the connector, the embeddings,
+ln_f and the LM head stay in bf16: community 4-bit Molmo checkpoints skip the same modules, and a
+quantized ViT is known to ruin accuracy (`../shared/reference/molmo_v1.md`, pitfall 4). Tensors are
+quantized one at a time while streaming, so the full bf16 decoder is never resident on the GPU.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+QUANTIZED = re.compile(
+    r"^transformer\.blocks\.\d+\.(?:attn\.)?(?:att_proj|attn_out|ff_proj|ff_out)\.weight$"
+    r"|^transformer\.blocks\.\d+\.mlp\.experts\.\d+\.(?:gate_proj|up_proj|down_proj)\.weight$"
+)
+
+
+class Quantizer:
+    def __init__(self, mode: str, compute_dtype: torch.dtype, device_for: Callable[[str], torch.device]):
+        try:
+            import bitsandbytes as bnb
+        except Exception as e:  # ImportError, or a broken native library
+            raise CheckpointError(f"--quantize {mode} needs bitsandbytes, which failed to import ({e}). "
+                                  "Install it with `pip install bitsandbytes`, or load without --quantize.") from e
+        self.bnb, self.mode, self.compute_dtype, self.device_for = bnb, mode, compute_dtype, device_for
+        self.replaced: set[str] = set()
+
+    def wants(self, name: str) -> bool:
+        return QUANTIZED.match(name) is not None
+
+    def prepare(self, model: nn.Module) -> None:
+        """Swap the target nn.Linear modules (still on meta) for bitsandbytes layers."""
+        bnb = self.bnb
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear) or not self.wants(name + ".weight"):
+                continue
+            with torch.device("meta"):
+                if self.mode == "4bit":
+                    q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                          compute_dtype=self.compute_dtype, quant_type="nf4")
+                else:
+                    q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                            has_fp16_weights=False, threshold=6.0)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, q)
+            self.replaced.add(name)
+
+    def __call__(self, model: nn.Module, name: str, weight: torch.Tensor) -> None:
+        bnb = self.bnb
+        module = model.get_submodule(name.rpartition(".")[0])
+        device = self.device_for(name)
+        if self.mode == "4bit":
+            p = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        else:
+            p = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        module.weight = p.to(device)
+
+
+def make_quantizer(mode: str, compute_dtype: torch.dtype, device_for) -> Quantizer:
+    if mode not in ("8bit", "4bit"):
+        raise CheckpointError(f"Unknown quantization {mode!r}; use '8bit' or '4bit'.")
+    return Quantizer(mode, compute_dtype, device_for)
