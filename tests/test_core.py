@@ -222,3 +222,29 @@ def test_empty_and_too_long_prompts(runner_d):
         runner_d.process(None, "   ")
     with pytest.raises(MolmoInputError, match="context holds 4096"):
         runner_d.process(None, "word " * 5000)
+
+
+# ------------------------------------------------------------------------------------------ quantization
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantized_decoder_only(tiny, mode):
+    bnb = pytest.importorskip("bitsandbytes")
+    ref = molmo_core.load(tiny["d"], device="cpu", dtype=torch.bfloat16)
+    q = molmo_core.load(tiny["d"], device="cpu", dtype=torch.bfloat16, quantize=mode)
+    block = q.model.transformer.blocks[0]
+    kind = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
+    assert isinstance(block.att_proj, kind) and isinstance(block.attn_out, kind) and isinstance(block.ff_proj, kind)
+    # bitsandbytes' CPU 4-bit kernels need in_features % 64 == 0; the tiny ff_out (96 inputs) stays bf16.
+    assert isinstance(block.ff_out, kind) == (mode == "8bit")
+    # Vision tower, connector, embeddings and LM head stay bf16 nn.Linear / tensors.
+    assert type(q.model.vision_backbone.image_vit.patch_embedding) is torch.nn.Linear
+    assert type(q.model.vision_backbone.image_projector.w1) is torch.nn.Linear
+    assert type(q.model.transformer.ff_out) is torch.nn.Linear
+    assert q.model.transformer.wte.embedding.dtype == torch.bfloat16
+    assert q.memory_bytes() < ref.memory_bytes()
+    inp = collate([q.process(_image(200, 150), "Point to the cup")])
+    with torch.no_grad():
+        a = ref.model(inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx, last_only=True).float()
+        b = q.model(inp.input_ids, inp.images, inp.image_masks, inp.image_input_idx, last_only=True).float()
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > (0.99 if mode == "8bit" else 0.9), f"{mode} logits drifted: cosine {cos:.3f}"
+    assert q.generate(None, "Hello", max_new_tokens=4) is not None
