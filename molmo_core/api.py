@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -11,26 +10,32 @@ import torch
 
 from .config import MolmoConfig
 from .errors import CheckpointError
-from .generation import GenerationOptions, generate_batch_text, stream_text
+from .generation import GenerationOptions, can_compile
 from .model import Molmo
 from .preprocessing import MolmoProcessor, MolmoTokenizer, ProcessedInput
+from .serving import BatchScheduler
 from .weights import default_device, default_dtype, load_model, resolve_checkpoint
 
 ProgressFn = Callable[[float, str], None]
 
 
 class MolmoRunner:
-    """A loaded checkpoint: model + processor + generation. Thread-safe: one generation at a time."""
+    """A loaded checkpoint: model + processor + generation.
+
+    Thread-safe: concurrent calls are grouped into batches by one worker thread (`serving.BatchScheduler`),
+    so several users share each decode step instead of waiting in line."""
 
     def __init__(self, model: Molmo, processor: MolmoProcessor, name: str, path: Path | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, max_batch: int = 8, compile: bool | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
         self.path = path
         self.quantize = quantize
-        self.lock = threading.Lock()
+        if compile is None:  # compiled decode by default where it pays off: CUDA, dense models
+            compile = model.device.type == "cuda" and can_compile(model)
+        self.scheduler = BatchScheduler(model, self.tokenizer, max_batch=max_batch, compile=compile)
 
     @property
     def config(self) -> MolmoConfig:
@@ -54,8 +59,7 @@ class MolmoRunner:
         """Text deltas of the answer. Raises MolmoInputError (before any generation) on bad input."""
         inputs = self.process(image, prompt, history, max_crops)
         opts = GenerationOptions(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        with self.lock:
-            yield from stream_text(self.model, self.tokenizer, inputs, opts)
+        yield from self.scheduler.submit(inputs, opts)
 
     def generate(self, image, prompt: str, **kwargs) -> str:
         return "".join(self.stream(image, prompt, **kwargs)).strip()
@@ -65,13 +69,15 @@ class MolmoRunner:
                        stop: Sequence[str] = ()) -> list[str]:
         inputs = [self.process(image, prompt) for image, prompt in requests]
         opts = GenerationOptions(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        with self.lock:
-            return [t.strip() for t in generate_batch_text(self.model, self.tokenizer, inputs, opts)]
+        streams = [self.scheduler.submit(x, opts) for x in inputs]
+        # submit() enqueues at once, so all requests land in the same batch before any is read.
+        return ["".join(s).strip() for s in streams]
 
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def close(self) -> None:
+        self.scheduler.close()
         self.model = None  # type: ignore[assignment]
         gc.collect()
         if torch.cuda.is_available():

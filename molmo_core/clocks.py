@@ -52,7 +52,7 @@ RGB = tuple[int, int, int]
 HOUR_HAND_LENGTH = 0.50
 MINUTE_HAND_LENGTH = 0.80
 SECOND_HAND_LENGTH = 0.88
-_HAND_TAIL = 0.12  # the counterweight behind the centre
+_HAND_TAIL = 0.2  # the counterweight behind the centre, as a fraction of the hand
 _HOUR_HAND_WIDTH = 0.085
 _MINUTE_HAND_WIDTH = 0.065
 _SECOND_HAND_WIDTH = 0.018
@@ -227,7 +227,7 @@ def _background(style: ClockStyle, side: int) -> Image.Image:
         rng = random.Random(style.background_seed)
         n = 6
         mask = Image.frombytes("L", (n, n), bytes(rng.randrange(256) for _ in range(n * n)))
-        mask = mask.resize((side, side), Image.Resampling.BICUBIC)
+        mask = mask.resize((side, side), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(side / 24))
     else:
         raise ValueError(f"Unknown background {style.background!r}; expected solid, gradient or blotches.")
     return Image.composite(Image.new("RGB", (side, side), c2), Image.new("RGB", (side, side), c1), mask)
@@ -257,7 +257,7 @@ def _hand_polygon(cx: float, cy: float, angle: float, length: float, width: floa
     a = math.radians(angle)
     dx, dy = math.sin(a), -math.cos(a)  # along the hand
     nx, ny = -dy, dx  # across the hand
-    tail = -_HAND_TAIL * length / MINUTE_HAND_LENGTH * 0.8
+    tail = -_HAND_TAIL * length
 
     def at(t: float, half: float) -> list[tuple[float, float]]:
         px, py = cx + dx * t, cy + dy * t
@@ -323,7 +323,7 @@ def render_clock(
         off = r * 0.05
         _draw_dial(ImageDraw.Draw(mask), style, c + off, c + off * 1.4, r, fill=120)
         mask = mask.filter(ImageFilter.GaussianBlur(r * 0.04))
-        img.paste((0, 0, 0), (0, 0), mask)
+        img.paste((0, 0, 0), mask=mask)
 
     draw = ImageDraw.Draw(img)
     rim = round(style.rim_width * r)

@@ -79,43 +79,96 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
-def generate_tokens(model: Molmo, batch: Batch, opts: GenerationOptions, eos_id: int | None = None,
-                    suppress: Sequence[int] = ()) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,) per step, until max_new_tokens or every row hit EOS.
+class Decoder:
+    """The single-token decode step over a static KV cache, optionally compiled.
 
-    Rows that finished keep receiving EOS (the caller ignores them)."""
+    Shapes never change between steps (tokens (B, 1), positions (B, 1), one cache slot), so the step
+    compiles once per (batch size, cache length). On CUDA, mode "reduce-overhead" adds CUDA graphs.
+    """
+
+    _compiled: dict = {}
+
+    def __init__(self, model: Molmo, compile: bool = False):
+        self.model = model
+        self.step = self._eager
+        if compile:
+            key = id(model)
+            if key not in Decoder._compiled:
+                mode = "reduce-overhead" if model.device.type == "cuda" else None
+                Decoder._compiled[key] = torch.compile(self._eager, mode=mode, dynamic=False, fullgraph=False)
+            self.step = Decoder._compiled[key]
+
+    def _eager(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.model(tok, position_ids=pos, cache=cache, cache_pos=slot)[:, -1]
+
+
+def can_compile(model: Molmo) -> bool:
+    """torch.compile needs a working C++ toolchain on CPU and does not help the MoE's data-dependent
+    expert loop; everything else falls back to eager."""
+    if model.config.text.is_moe:
+        return False
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception:
+        return False
+    if model.device.type == "cuda":
+        return torch.cuda.get_device_capability(model.device)[0] >= 7
+    import shutil
+
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@torch.inference_mode()
+def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Sequence[GenerationOptions]",
+                    eos_id: int | None = None, suppress: Sequence[int] = (),
+                    compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) per step, until every row is done.
+
+    `opts` may be one GenerationOptions for the whole batch or one per row (own max_new_tokens,
+    temperature, top_p, seed). A row is done after EOS or its own max_new_tokens; done rows keep
+    receiving EOS (or -1 without an EOS id), which the caller ignores."""
     batch = batch.to(model.device, model.dtype)
     B, L = batch.input_ids.shape
-    max_len = L + opts.max_new_tokens
-    if max_len > model.config.text.max_sequence_length:
-        max_len = model.config.text.max_sequence_length
+    rows = list(opts) if isinstance(opts, (list, tuple)) else [opts] * B
+    assert len(rows) == B, f"{len(rows)} option sets for {B} rows"
+    steps = max(o.max_new_tokens for o in rows)
+    max_len = min(L + steps, model.config.text.max_sequence_length)
     cache = KVCache(model.config.text, B, max_len, model.device, model.dtype)
-    gen = None
-    if opts.temperature > 0:
-        gen = torch.Generator(device=model.device)
-        gen.manual_seed(opts.seed if opts.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    gens = []
+    for o in rows:
+        g = None
+        if o.temperature > 0:
+            g = torch.Generator(device=model.device)
+            g.manual_seed(o.seed if o.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        gens.append(g)
+    uniform = all(o.temperature <= 0 for o in rows)
+    limit = torch.tensor([o.max_new_tokens for o in rows], device=model.device)
+    stop_eos = torch.tensor([o.stop_on_eos and eos_id is not None for o in rows], device=model.device)
+    filler = eos_id if eos_id is not None else -1
+    decoder = Decoder(model, compile=compile)
+
     valid = batch.input_ids != -1
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     logits = model(batch.input_ids, batch.images, batch.image_masks, batch.image_input_idx, position_ids=pos,
                    cache=cache, cache_pos=torch.arange(L, device=model.device), last_only=True)[:, -1]
     next_pos = pos[:, -1:] + 1  # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
-    for step in range(max_len - L + 1):
+    suppress = [i for i in suppress if i < logits.shape[-1]]
+    for step in range(max_len - L):
         if suppress:
-            logits[:, [i for i in suppress if i < logits.shape[-1]]] = float("-inf")
-        tok = sample(logits.float(), opts.temperature, opts.top_p, gen)
-        if eos_id is not None:
-            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            logits[:, suppress] = float("-inf")
+        if uniform:
+            tok = logits.argmax(dim=-1)
+        else:
+            tok = torch.stack([sample(logits[b:b + 1].float(), rows[b].temperature, rows[b].top_p, gens[b])[0]
+                               for b in range(B)])
+        tok = torch.where(done, torch.full_like(tok, filler), tok)
         yield tok
-        if eos_id is not None and opts.stop_on_eos:
-            done |= tok == eos_id
-            if bool(done.all()):
-                return
-        if step + 1 >= opts.max_new_tokens or L + step >= max_len:
+        done |= (stop_eos & (tok == filler)) | (step + 1 >= limit)
+        if bool(done.all()) or step + 1 >= max_len - L:
             return
         slot = torch.tensor([L + step], device=model.device)
-        logits = model(tok[:, None], position_ids=next_pos, cache=cache, cache_pos=slot)[:, -1]
+        logits = decoder.step(tok.clamp(min=0)[:, None], next_pos, slot, cache)
         next_pos = next_pos + 1
 
 
@@ -165,48 +218,6 @@ class TextStreamer:
         delta = text[self.emitted:]
         self.emitted = max(self.emitted, len(text))
         return delta
-
-
-def stream_text(model: Molmo, tokenizer: MolmoTokenizer, inputs: ProcessedInput,
-                opts: GenerationOptions) -> Iterator[str]:
-    """Text deltas of one answer; stops on EOS and on any stop string."""
-    streamer = TextStreamer(tokenizer, opts.stop)
-    eos = tokenizer.special.eos
-    for tok in generate_tokens(model, collate([inputs]), opts, eos_id=eos, suppress=image_token_ids(tokenizer)):
-        t = int(tok[0])
-        if t == eos and opts.stop_on_eos:
-            break
-        delta = streamer.push(t)
-        if delta:
-            yield delta
-        if streamer.stopped:
-            return
-    tail = streamer.flush()
-    if tail:
-        yield tail
-
-
-def generate_batch_text(model: Molmo, tokenizer: MolmoTokenizer, inputs: Sequence[ProcessedInput],
-                        opts: GenerationOptions) -> list[str]:
-    eos = tokenizer.special.eos
-    rows: list[list[int]] = [[] for _ in inputs]
-    finished = [False] * len(inputs)
-    for tok in generate_tokens(model, collate(inputs), opts, eos_id=eos, suppress=image_token_ids(tokenizer)):
-        for b, t in enumerate(tok.tolist()):
-            if finished[b]:
-                continue
-            if t == eos and opts.stop_on_eos:
-                finished[b] = True
-            else:
-                rows[b].append(t)
-    out = []
-    for r in rows:
-        text = tokenizer.decode(r)
-        for s in opts.stop:
-            if s and s in text:
-                text = text[: text.index(s)]
-        out.append(text)
-    return out
 
 
 def image_token_ids(tokenizer: MolmoTokenizer) -> list[int]:

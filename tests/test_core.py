@@ -248,3 +248,45 @@ def test_quantized_decoder_only(tiny, mode):
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > (0.99 if mode == "8bit" else 0.9), f"{mode} logits drifted: cosine {cos:.3f}"
     assert q.generate(None, "Hello", max_new_tokens=4) is not None
+
+
+# ------------------------------------------------------------------------------------------ serving
+def test_concurrent_requests_are_batched_and_correct(runner_d):
+    import threading
+
+    reqs = [(_image(100 + 40 * i, 80 + 30 * i, i), f"Point to thing {i}") for i in range(6)] + [(None, "Hello"), (None, "Count")]
+    alone = [runner_d.generate(img, p, max_new_tokens=8) for img, p in reqs]
+    results: list = [None] * len(reqs)
+    barrier = threading.Barrier(len(reqs))
+    before = len(runner_d.scheduler.batch_sizes)
+
+    def worker(i):
+        barrier.wait()
+        results[i] = runner_d.generate(reqs[i][0], reqs[i][1], max_new_tokens=8)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(reqs))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results == alone
+    assert max(runner_d.scheduler.batch_sizes[before:]) > 1, runner_d.scheduler.batch_sizes[before:]
+    assert runner_d.generate_batch(reqs[:3], max_new_tokens=8) == alone[:3]
+
+
+def test_per_row_options_in_one_batch(runner_d):
+    a = runner_d.scheduler.submit(runner_d.process(None, "Hello"), GenerationOptions(3))
+    b = runner_d.scheduler.submit(runner_d.process(None, "Hello"), GenerationOptions(9))
+    ta, tb = "".join(a), "".join(b)
+    assert len(runner_d.tokenizer.encode(ta)) <= 4 and tb.startswith(ta) and len(tb) > len(ta)
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(runner_d):
+    from molmo_core.generation import can_compile
+
+    if not can_compile(runner_d.model):
+        pytest.skip("torch.compile needs a C++ compiler on CPU")
+    batch = collate([runner_d.process(_image(100, 80), "Describe this image.")])
+    opts = GenerationOptions(12, stop_on_eos=False)
+    eager = [int(t[0]) for t in generate_tokens(runner_d.model, batch, opts)]
+    compiled = [int(t[0]) for t in generate_tokens(runner_d.model, batch, opts, compile=True)]
+    assert compiled == eager
