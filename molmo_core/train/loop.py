@@ -1,0 +1,567 @@
+"""The training loop, in plain sight: setup() -> fit() -> validate() / save_checkpoint() -> export().
+
+    trainer = Trainer(TrainArgs(model=..., data=[...], out=...))
+    result = trainer.run()          # setup + fit + export; or call the steps yourself
+
+Files under `args.out`:
+    metrics.jsonl              one JSON object per logged step: step, loss, lr, lr_connector, lr_vit,
+                               tokens_per_s, grad_norm_*, elapsed_s, eta_s; eval lines add eval_loss
+    loss.png                   the loss curve (PIL drawing; refreshed at every eval and checkpoint)
+    checkpoints/step-NNNNNNN/  trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
+    checkpoints/latest         the name of the newest *complete* checkpoint (updated last, atomically)
+    final/                     the model in the official checkpoint format (`molmo_core.load(out/final)`)
+    adapter/                   LoRA / QLoRA only: the adapter (peft LoRA config + safetensors)
+
+A checkpoint is written into `checkpoints/.tmp-...`, every file fsynced, the folder renamed, and only then
+is `latest` replaced (write + fsync + rename), so a crash or a full disk mid-write never leaves a corrupted
+checkpoint as the latest. Resuming restores the trainable weights, optimizer, scheduler, RNG states and
+the data position, so a resumed run reproduces the losses of an uninterrupted one.
+
+Multi-GPU: started by `accelerate launch` (WORLD_SIZE > 1) the loop uses accelerate's Accelerator, which
+wraps the loss module in DDP or FSDP per the accelerate config (see configs/accelerate/).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import (DataReport, ExampleOptions, ExampleStream, ImageCache, collate, load_records, split_records)
+from .recipe import (ResponseDropout, TrainArgs, clip_per_component, enable_gradient_checkpointing, loss_sums,
+                     make_optimizer, make_scheduler, param_groups, unwrap)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+class TrainError(RuntimeError):
+    """A run that cannot continue, with a message saying what to do (full disk, bad resume, ...)."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    final: Path | None = None
+    adapter: Path | None = None
+    stopped: bool = False
+
+
+class LossModule(nn.Module):
+    """Molmo + the loss, as one module, so DDP / FSDP see the LM head inside their forward."""
+
+    def __init__(self, molmo: nn.Module, z_loss: float):
+        super().__init__()
+        self.molmo = molmo
+        self.z_loss = z_loss
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return loss_sums(self.molmo, batch, self.z_loss)
+
+
+# ----------------------------------------------------------------------------------------- file writing
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save
+
+    _write_bytes(path, save(state, metadata={"format": "pt"}))
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, args: TrainArgs, log: Callable[[str], None] | None = None,
+                 callbacks: list[Callable[["Trainer", dict], None]] | None = None):
+        args.validate()
+        self.args = args
+        self.log = log or (lambda s: print(s, flush=True))
+        self.callbacks = callbacks or []
+        self.out = Path(args.out).expanduser()
+        self.step = 0
+        self.seq_pos = 0  # data position: sequences consumed (all ranks)
+        self.stop_requested = False
+        self.accelerator = None
+        self.world, self.rank = 1, 0
+        self._metrics_file = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        a = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(a.seed)
+        random.seed(a.seed)
+        np.random.seed(a.seed % 2**32)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator()
+            self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+            self.device = self.accelerator.device
+        else:
+            dev = a.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+            self.device = torch.device(dev)
+        self.autocast = self.device.type == "cuda" and a.bf16
+        self._print_args()
+
+        # model
+        from ..api import load
+
+        if a.mode == "full":
+            dtype, quantize = torch.float32, None  # fp32 master weights; bf16 comes from autocast
+        else:
+            dtype = torch.bfloat16 if self.autocast else torch.float32  # frozen base in bf16 on GPU
+            quantize = "4bit" if a.mode == "qlora" else None
+        self.runner = load(a.model, device=self.device, dtype=dtype, quantize=quantize, max_crops=a.max_crops)
+        self.base_path = self.runner.path
+        self.molmo = self.runner.model
+        self.tokenizer = self.runner.tokenizer
+        if a.mode == "full":
+            from .recipe import component_of
+
+            for name, p in self.molmo.named_parameters():
+                p.requires_grad_(component_of(name) not in a.freeze)
+        else:
+            from .lora import add_lora
+
+            add_lora(self.molmo, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_connector)
+        self.molmo.train()
+        self.dropout = ResponseDropout(self.molmo, a.response_dropout)
+        if a.gradient_checkpointing:
+            enable_gradient_checkpointing(self.molmo)
+        n_train = sum(p.numel() for p in self.molmo.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.molmo.parameters())
+        self.log(f"model: {a.model} ({a.mode}) on {self.device}, {n_train / 1e6:.2f} M of {n_all / 1e6:.1f} M "
+                 f"parameters trainable")
+
+        # data
+        records, report = load_records(a.data, a.images_dir, a.max_caption_chars, a.seed)
+        self.report: DataReport = report
+        if a.eval_data:
+            eval_records, _ = load_records(a.eval_data, a.images_dir, a.max_caption_chars, a.seed + 1)
+            train_records = records
+        else:
+            train_records, eval_records = split_records(records, a.eval_fraction, a.seed)
+        self.log(f"data: {report.summary()}; {len(train_records)} for training, {len(eval_records)} held out")
+        cfg = self.molmo.config
+        self.opts = ExampleOptions(a.prompt_format, a.hint_prob, a.hint_noise_chars, a.annotations, True,
+                                   a.max_crops, a.max_seq_len)
+        cache = ImageCache(self.tokenizer, self.opts, cfg.resize, cfg.vision.image_size, cfg.vision.patch_size)
+        self.train_stream = ExampleStream(train_records, self.tokenizer, self.opts, cache, a.seed)
+        eval_opts = ExampleOptions(**{**self.opts.__dict__, "shuffle_annotations": False})
+        self.eval_stream = (ExampleStream(eval_records, self.tokenizer, eval_opts, cache, a.seed + 7, shuffle=False)
+                            if eval_records else None)
+        per_step = a.batch_size * a.grad_accum * self.world
+        self.max_steps = a.max_steps or max(1, math.ceil(a.epochs * len(train_records) / per_step))
+
+        # optimizer, schedule
+        self.loss_module = LossModule(self.molmo, a.z_loss)
+        groups = param_groups(self.molmo, a.component_lrs(), a.weight_decay)
+        self.optimizer = make_optimizer(groups)
+        self.warmups = a.component_warmups(self.max_steps)
+        self.scheduler = make_scheduler(self.optimizer, self.warmups, self.max_steps, a.min_lr_ratio)
+        self.model = self.loss_module
+        if self.accelerator is not None:
+            self.model, self.optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
+        lrs = a.component_lrs()
+        self.log(f"schedule: {self.max_steps} steps x {per_step} sequences; lr llm {lrs['llm']:.2e}, connector "
+                 f"{lrs['connector']:.2e}, vit {lrs['vit']:.2e}; warmup {self.warmups}; cosine to "
+                 f"{a.min_lr_ratio:.0%}")
+        self._maybe_resume()
+        return self
+
+    def _print_args(self) -> None:
+        if self.rank == 0:
+            self.log("train args: " + json.dumps(self.args.to_dict(), default=str))
+
+    # ------------------------------------------------------------------ batches
+    def _micro_batches(self, seq_pos: int) -> list[dict[str, torch.Tensor]]:
+        a = self.args
+        batches = []
+        for m in range(a.grad_accum):
+            examples = []
+            for b in range(a.batch_size):
+                p = seq_pos + (m * a.batch_size + b) * self.world + self.rank
+                examples.append(self.train_stream.example(p))
+            batches.append(collate(examples))
+        return batches
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, device=self.device, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        a = self.args
+        t0 = time.perf_counter()
+        self.model.train()
+        micro = self._micro_batches(self.seq_pos)
+        n_local = sum(int((b["loss_mask"] > 0).sum()) for b in micro)
+        tokens_local = sum(int((b["input_ids"] != -1).sum()) for b in micro)
+        n_global, tokens_global = self._all_reduce([float(n_local), float(tokens_local)])
+        divisor = max(n_global / self.world, 1.0)  # loss tokens per rank averaged over the global batch
+        ce_local = 0.0
+        for i, batch in enumerate(micro):
+            batch = self._to_device(batch)
+            self.dropout.set_mask(batch["loss_mask"] > 0)
+            sync = (self.accelerator.no_sync(self.model) if self.accelerator is not None and i < len(micro) - 1
+                    else nullcontext())
+            with sync:
+                with self._autocast():
+                    total, ce, _ = self.model(batch)
+                loss = total / divisor
+                if self.accelerator is not None:
+                    self.accelerator.backward(loss)
+                else:
+                    loss.backward()
+            ce_local += float(ce)
+        self.dropout.set_mask(None)
+        norms = clip_per_component(self.optimizer, a.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.seq_pos += a.batch_size * a.grad_accum * self.world
+        (ce_global,) = self._all_reduce([ce_local])
+        dt = time.perf_counter() - t0
+        lrs = {g["component"]: g["lr"] for g in self.optimizer.param_groups}
+        return {"step": self.step, "loss": ce_global / max(n_global, 1.0), "lr": lrs.get("llm", 0.0),
+                "lr_connector": lrs.get("connector", 0.0), "lr_vit": lrs.get("vit", 0.0),
+                "tokens_per_s": tokens_global / dt, "loss_tokens": int(n_global), "step_s": dt,
+                **{f"grad_norm_{k}": v for k, v in norms.items()}}
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean token CE over the held-out records (no dropout, fixed prompts)."""
+        if self.eval_stream is None:
+            return None
+        self.model.eval()
+        ce_sum = n_sum = 0.0
+        n = len(self.eval_stream)
+        for start in range(self.rank * self.args.batch_size, n, self.args.batch_size * self.world):
+            idx = range(start, min(n, start + self.args.batch_size))
+            batch = self._to_device(collate([self.eval_stream.example(i) for i in idx]))
+            with self._autocast():
+                _, ce, k = self.loss_module(batch)
+            ce_sum += float(ce)
+            n_sum += k
+        ce_sum, n_sum = self._all_reduce([ce_sum, n_sum])
+        self.model.train()
+        return ce_sum / max(n_sum, 1.0)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> TrainResult:
+        a = self.args
+        result = TrainResult(self.out, self.step)
+        self._install_signal_handlers()
+        self._open_metrics()
+        start_step, t_start = self.step, time.perf_counter()
+        step_times: list[float] = []
+        try:
+            while self.step < self.max_steps:
+                m = self.train_step()
+                step_times.append(m["step_s"])
+                recent = step_times[-20:]
+                m["elapsed_s"] = time.perf_counter() - t_start
+                m["eta_s"] = (self.max_steps - self.step) * (sum(recent) / len(recent))
+                result.losses.append(m["loss"])
+                if a.eval_every and self.step % a.eval_every == 0 and self.step < self.max_steps:
+                    ev = self.validate()
+                    if ev is not None:
+                        m["eval_loss"] = ev
+                        result.eval_losses.append((self.step, ev))
+                if self.step % a.log_every == 0 or self.step == self.max_steps or "eval_loss" in m:
+                    self._log_step(m)
+                for cb in self.callbacks:
+                    cb(self, m)
+                if self.stop_requested:
+                    self.log(f"stop requested: saving a checkpoint at step {self.step}")
+                    result.stopped = True
+                    self.save_checkpoint()
+                    break
+                if a.save_every and self.step % a.save_every == 0 and self.step < self.max_steps:
+                    self.save_checkpoint()
+            else:
+                ev = self.validate()
+                if ev is not None:
+                    result.eval_losses.append((self.step, ev))
+                    self._write_metrics({"step": self.step, "eval_loss": ev})
+                    self.log(f"eval loss at step {self.step}: {ev:.4f}")
+                if self.step > start_step or not self._latest_dir():
+                    self.save_checkpoint()
+        finally:
+            self._close_metrics()
+            self._restore_signal_handlers()
+        result.steps = self.step
+        self.plot()
+        return result
+
+    def run(self) -> TrainResult:
+        """setup() + fit() + export() (when args.export)."""
+        self.setup()
+        result = self.fit()
+        if self.args.export and self.rank == 0:
+            result.final, result.adapter = self.export()
+        return result
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, m: dict) -> None:
+        if self.rank != 0:
+            return
+        eta = time.strftime("%H:%M:%S", time.gmtime(m["eta_s"]))
+        line = (f"step {m['step']:>6}/{self.max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+                f"{m['tokens_per_s']:,.0f} tok/s  eta {eta}")
+        if "eval_loss" in m:
+            line += f"  eval {m['eval_loss']:.4f}"
+        self.log(line)
+        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s",
+                "eval_loss")
+        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith("grad_norm_")})
+
+    def _open_metrics(self) -> None:
+        if self.rank != 0:
+            return
+        path = self.out / "metrics.jsonl"
+        if path.exists():  # drop lines written after the checkpoint we resumed from
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self._metrics_file = open(path, "a", encoding="utf-8")
+
+    def _write_metrics(self, m: dict) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(m) + "\n")
+            self._metrics_file.flush()
+
+    def _close_metrics(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+
+    def plot(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        from .plot import plot_metrics
+
+        try:
+            return plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+        except OSError as e:
+            self.log(f"warning: could not write loss.png ({e})")
+            return None
+
+    # ------------------------------------------------------------------ stop signals
+    def _install_signal_handlers(self) -> None:
+        self._old_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, h in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, h)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / CHECKPOINTS
+
+    def _latest_dir(self) -> Path | None:
+        p = self.ckpt_root / LATEST
+        if not p.is_file():
+            return None
+        d = self.ckpt_root / p.read_text().strip()
+        return d if (d / "state.json").is_file() else None
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu").contiguous() for n, p in self.molmo.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step-N atomically and point `latest` at it.
+
+        Raises:
+            TrainError: the disk is full or not writable; the previous checkpoint stays the latest.
+        """
+        if self.rank != 0:
+            return None
+        root = self.ckpt_root
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.step:07d}"
+        final = root / name
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            _save_tensors(self.trainable_state(), tmp / "trainable.safetensors")
+            _write_bytes(tmp / "optimizer.pt", _torch_bytes(self.optimizer.state_dict()))
+            _write_bytes(tmp / "scheduler.pt", _torch_bytes(self.scheduler.state_dict()))
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            _write_bytes(tmp / "rng.pt", _torch_bytes(rng))
+            state = {"step": self.step, "seq_pos": self.seq_pos, "max_steps": self.max_steps,
+                     "args": self.args.to_dict(), "time": time.time()}
+            _write_bytes(tmp / "state.json", json.dumps(state, indent=2, default=str).encode())
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            pointer = root / f".{LATEST}.tmp-{os.getpid()}"
+            _write_bytes(pointer, (name + "\n").encode())
+            os.replace(pointer, root / LATEST)
+            _fsync_dir(root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for p in root.glob(f".{LATEST}.tmp-*"):
+                p.unlink(missing_ok=True)
+            prev = self._latest_dir()
+            keep = f"the latest complete checkpoint is still {prev.name}" if prev else "no checkpoint was kept"
+            if e.errno == errno.ENOSPC:
+                free = _free_bytes(root)
+                free_s = f" ({free / 2**30:.1f} GiB free)" if free is not None else ""
+                raise TrainError(f"No space left on the device while writing checkpoint {name} to {root}{free_s}. "
+                                 f"Free disk space or use --out on a larger disk, then run again to resume; "
+                                 f"{keep}.") from e
+            raise TrainError(f"Could not write checkpoint {name} to {root}: {e}. {keep[0].upper() + keep[1:]}.") from e
+        self._prune()
+        self.log(f"checkpoint: {final}")
+        self.plot()
+        return final
+
+    def _prune(self) -> None:
+        keep = max(1, self.args.keep_checkpoints)
+        done = sorted(p for p in self.ckpt_root.glob("step-*") if p.is_dir())
+        latest = self._latest_dir()
+        for p in done[:-keep]:
+            if latest is None or p.resolve() != latest.resolve():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _maybe_resume(self) -> None:
+        a = self.args
+        latest = self._latest_dir()
+        if a.resume == "no" or latest is None:
+            if a.resume == "yes":
+                raise TrainError(f"--resume yes but {self.ckpt_root} has no complete checkpoint.")
+            if a.resume == "no" and self.ckpt_root.exists():
+                shutil.rmtree(self.ckpt_root)
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        from safetensors.torch import load_file
+
+        state = json.loads((latest / "state.json").read_text())
+        saved = state.get("args", {})
+        for key in ("mode", "lora_rank", "lora_connector"):
+            if saved.get(key) != getattr(a, key):
+                raise TrainError(f"Cannot resume from {latest}: it was trained with {key}={saved.get(key)!r}, this "
+                                 f"run has {key}={getattr(a, key)!r}. Use the same settings, another --out, or "
+                                 "--resume no to start over.")
+        weights = load_file(str(latest / "trainable.safetensors"))
+        params = dict(self.molmo.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise TrainError(f"Checkpoint {latest} lacks {len(missing)} trainable tensors (e.g. {missing[:2]}).")
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t.to(params[n].dtype))
+        self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=self.device,
+                                                  weights_only=False))
+        self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
+        rng = torch.load(latest / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.seq_pos = state["step"], state["seq_pos"]
+        self.log(f"resumed from {latest} at step {self.step}")
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> tuple[Path, Path | None]:
+        """out/final in the official format (merged weights for LoRA), plus out/adapter for LoRA."""
+        from .export import export_model, merged_from_adapter
+        from .lora import save_adapter
+
+        dtype = torch.float32 if self.args.export_dtype == "float32" else torch.bfloat16
+        info = {"base": str(self.args.model), "mode": self.args.mode, "steps": self.step,
+                "args": self.args.to_dict()}
+        if self.args.mode == "full":
+            final = export_model(self.molmo, self.base_path, self.out / "final", dtype, extra=info)
+            self.log(f"exported: {final}")
+            return final, None
+        adapter = save_adapter(self.molmo, self.out / "adapter")
+        merged = merged_from_adapter(self.base_path, adapter, dtype=dtype)
+        final = export_model(merged, self.base_path, self.out / "final", dtype, extra=info)
+        del merged
+        self.log(f"exported: {final} (merged) and {adapter} (adapter)")
+        return final, adapter
+
+
+def train(args: TrainArgs, **kwargs) -> TrainResult:
+    """Run a whole fine-tune (setup, fit, export). See `Trainer` for the files written."""
+    return Trainer(args, **kwargs).run()
+
+
+def main_guard(fn: Callable[[], int]) -> int:  # pragma: no cover - used by the CLI
+    try:
+        return fn()
+    except (TrainError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
