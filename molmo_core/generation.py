@@ -133,7 +133,7 @@ def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Seque
     assert len(rows) == B, f"{len(rows)} option sets for {B} rows"
     steps = max(o.max_new_tokens for o in rows)
     max_len = min(L + steps, model.config.text.max_sequence_length)
-    cache = KVCache(model.config.text, B, max_len, model.device, model.dtype)
+    cache = KVCache(model.config.text, B, max_len, model.device, model.dtype, model._block_devices)
     gens = []
     for o in rows:
         g = None

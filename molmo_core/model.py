@@ -26,6 +26,12 @@ class Molmo(nn.Module):
         self.transformer = Transformer(config.text)
         if config.text.is_moe:
             self.lm_head = nn.Linear(config.text.d_model, config.text.embedding_size, bias=False)
+        self._block_devices: list[torch.device] | None = None  # set by place_blocks() when split over GPUs
+
+    def place_blocks(self) -> None:
+        """Record each decoder block's device (after loading) so forward moves activations between GPUs."""
+        devs = [next(b.parameters()).device for b in self.transformer.blocks]
+        self._block_devices = devs if len(set(devs)) > 1 else None
 
     @property
     def device(self) -> torch.device:
@@ -79,9 +85,14 @@ class Molmo(nn.Module):
         else:
             mask = attention_mask(valid, allowed)
         for i, block in enumerate(self.transformer.blocks):
+            dev = self._block_devices[i] if self._block_devices else None
+            if dev is not None and x.device != dev:  # layers split across GPUs (Molmo-72B)
+                x, cos, sin, mask = x.to(dev), cos.to(dev), sin.to(dev), mask.to(dev)
+                cache_pos = cache_pos.to(dev) if cache_pos is not None else None
             x = block(x, cos, sin, mask, cache, i, cache_pos)
         if last_only:
             x = x[:, -1:]
+        x = x.to(self.transformer.ln_f.weight.device)
         x = self.transformer.ln_f(x)
         if return_hidden:
             return x

@@ -55,10 +55,11 @@ class KVCache:
     key positions. Positions are written by `cache_pos` (T,) indices shared by the batch.
     """
 
-    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device, dtype, layer_devices=None):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        devs = layer_devices or [device] * cfg.n_layers  # per-layer devices when layers span several GPUs
+        self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
+        self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
 

@@ -299,4 +299,5 @@ def load_model(path: Path, *, device: torch.device | str | None = None, dtype: t
         quantizer.prepare(model)
     load_state_streaming(model, weight_files(path), dtype=dtype, device_for=device_for, quantizer=quantizer,
                          progress=progress)
+    model.place_blocks()
     return model.eval()

@@ -290,3 +290,20 @@ def test_compiled_decode_matches_eager(runner_d):
     eager = [int(t[0]) for t in generate_tokens(runner_d.model, batch, opts)]
     compiled = [int(t[0]) for t in generate_tokens(runner_d.model, batch, opts, compile=True)]
     assert compiled == eager
+
+
+def test_layer_split_placement_runs_and_matches(tmp_path):
+    """Molmo-72B is split over GPUs by layer; on CPU the same code path runs with two 'devices'."""
+    from molmo_core.weights import layer_placement, load_model
+
+    folder = write_tiny_checkpoint(tmp_path / "d", "d")
+    cfg = MolmoConfig.from_pretrained_dir(folder)
+    place = layer_placement(cfg, ["gpu0", "gpu1"])
+    assert [place(f"transformer.blocks.{i}.att_proj.weight") for i in range(3)] == ["gpu0", "gpu0", "gpu1"]
+    assert place("vision_backbone.pad_embed") == "gpu0" and place("transformer.ff_out.weight") == "gpu1"
+    model = load_model(folder, device="cpu", devices=[torch.device("cpu"), torch.device("cpu")])
+    model._block_devices = [torch.device("cpu")] * 3  # force the per-block transfer path
+    batch = collate([molmo_core.load(folder, device="cpu").process(_image(90, 120), "Count")])
+    split = [int(t[0]) for t in generate_tokens(model, batch, GenerationOptions(6, stop_on_eos=False))]
+    model._block_devices = None
+    assert split == [int(t[0]) for t in generate_tokens(model, batch, GenerationOptions(6, stop_on_eos=False))]
