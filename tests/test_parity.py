@@ -118,3 +118,27 @@ def test_real_tokenizer_layout() -> None:
     # The transformers-port integration vector: " User: Describe this image. Assistant:"
     out = proc(np.zeros((354, 536, 3), np.uint8), "Describe this image.")
     assert out.input_ids[-10:].tolist() == [152067, 152065, 2657, 25, 60785, 419, 2168, 13, 21388, 25]
+
+
+def test_dump_command_writes_the_reference_arrays(tmp_path) -> None:
+    """`python -m molmo_core.dump` end to end on a copied case (text-only and with an image)."""
+    import subprocess
+    import sys
+
+    folder = LOCAL / "d"
+    ref = np.load(folder / "cases" / "small_100x80_describe.npz")
+    Image.fromarray(ref["image"]).save(tmp_path / "img.png")
+    for image, case in ((tmp_path / "img.png", "small_100x80_describe"), ("none", "text_only")):
+        ref = np.load(folder / "cases" / f"{case}.npz")
+        prompt = json.loads((folder / "cases" / f"{case}.json").read_text())["prompt"]
+        out = tmp_path / f"{case}.npz"
+        subprocess.run([sys.executable, "-m", "molmo_core.dump", "--model", str(folder), "--image", str(image),
+                        "--prompt", prompt, "--max-crops", "12", "--out", str(out)], check=True, capture_output=True)
+        got = np.load(out)
+        expected_keys = {"input_ids", "logits", "greedy"} | ({"image_input_idx", "image_masks", "images"}
+                                                              if image != "none" else set())
+        assert set(got.files) == expected_keys
+        np.testing.assert_array_equal(got["input_ids"], ref["input_ids"])
+        np.testing.assert_array_equal(got["greedy"], ref["greedy"])
+        assert got["logits"].dtype == np.float32
+        np.testing.assert_allclose(got["logits"][-8:], ref["logits_tail"], atol=LOGITS_TOL)
