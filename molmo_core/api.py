@@ -50,14 +50,17 @@ class MolmoRunner:
         return self.model.dtype
 
     def process(self, image, prompt: str, history: Sequence[tuple[str, str]] = (),
-                max_crops: int | None = None) -> ProcessedInput:
-        return self.processor(image, prompt, history=history, max_crops=max_crops)
+                max_crops: int | None = None, template: str = "role") -> ProcessedInput:
+        return self.processor(image, prompt, history=history, max_crops=max_crops, template=template)
 
     def stream(self, image, prompt: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 200,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-               max_crops: int | None = None) -> Iterator[str]:
-        """Text deltas of the answer. Raises MolmoInputError (before any generation) on bad input."""
-        inputs = self.process(image, prompt, history, max_crops)
+               max_crops: int | None = None, template: str = "role") -> Iterator[str]:
+        """Text deltas of the answer. Raises MolmoInputError (before any generation) on bad input.
+
+        template "role" wraps the prompt as " User: {prompt} Assistant:" (the released models);
+        "none" sends it verbatim (the captioner format " long_caption 65:")."""
+        inputs = self.process(image, prompt, history, max_crops, template)
         opts = GenerationOptions(max_new_tokens, temperature, top_p, seed, tuple(stop))
         yield from self.scheduler.submit(inputs, opts)
 

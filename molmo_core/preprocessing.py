@@ -304,9 +304,18 @@ class MolmoTokenizer:
 
 
 # ----------------------------------------------------------------------------------------- prompt
-def format_prompt(prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[str]:
+def format_prompt(prompt: str, history: Sequence[tuple[str, str]] = (), template: str = "role") -> list[str]:
     """Text pieces tokenized separately, as the training formatter does:
-    " User: q1 Assistant:", " a1", <EOS>, " User: q2 Assistant:", ... (EOS marked by None)."""
+    " User: q1 Assistant:", " a1", <EOS>, " User: q2 Assistant:", ... (EOS marked by None).
+
+    template "none" (`message_formatting="none"`, the pre-training captioner's format, e.g.
+    " long_caption 65:") uses the prompt verbatim after the leading space, with no history."""
+    if template == "none":
+        if history:
+            raise MolmoInputError("A prompt without the User/Assistant template cannot carry chat history.")
+        return [f" {prompt}"]
+    if template != "role":
+        raise ValueError(f"template must be 'role' or 'none'; got {template!r}")
     pieces: list = []
     for q, a in history:
         pieces += [f" User: {q} Assistant:", f" {a}", None]
@@ -337,12 +346,12 @@ class MolmoProcessor:
         self.max_length = max_length
 
     def __call__(self, image, prompt: str, history: Sequence[tuple[str, str]] = (),
-                 max_crops: int | None = None) -> ProcessedInput:
+                 max_crops: int | None = None, template: str = "role") -> ProcessedInput:
         if not isinstance(prompt, str) or not prompt.strip():
             raise MolmoInputError("The prompt is empty; type a question or an instruction.")
         sp = self.tokenizer.special
         text_ids: list[int] = []
-        for piece in format_prompt(prompt, history):
+        for piece in format_prompt(prompt, history, template):
             text_ids += [sp.eos] if piece is None else self.tokenizer.encode(piece)
         if image is None:
             ids = np.array([sp.bos] + text_ids, dtype=np.int64)

@@ -8,9 +8,11 @@ options, stop strings and text stream. A request's text arrives through its own 
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -19,6 +21,15 @@ from .model import Molmo
 from .preprocessing import MolmoTokenizer, ProcessedInput
 
 _END = object()
+_LIVE: "weakref.WeakSet[BatchScheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """Stop worker threads before the interpreter tears torch down (a thread still inside torch at
+    exit aborts the process with 'terminate called without an active exception')."""
+    for s in list(_LIVE):
+        s.close(wait=5.0)
 
 
 @dataclass
@@ -39,6 +50,7 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        _LIVE.add(self)
 
     def submit(self, inputs: ProcessedInput, opts: GenerationOptions) -> Iterator[str]:
         """Text deltas of one answer, produced by the worker; exceptions are re-raised here."""
@@ -62,9 +74,12 @@ class BatchScheduler:
         finally:
             req.cancelled = True  # a client that stops reading frees its row
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> None:
+        """Stop accepting work; the worker exits after the batch in flight (waits up to `wait` s)."""
         self._closed = True
         self.pending.put(None)  # type: ignore[arg-type]
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=wait)
 
     # ------------------------------------------------------------------ worker
     def _ensure_worker(self) -> None:
@@ -112,6 +127,8 @@ class BatchScheduler:
             tokens = generate_tokens(self.model, collate([r.inputs for r in reqs]), [r.opts for r in reqs],
                                      eos_id=eos, suppress=image_token_ids(self.tokenizer), compile=self.compile)
             for tok in tokens:
+                if self._closed:
+                    raise RuntimeError("The model was unloaded while this answer was being generated.")
                 for b, t in enumerate(tok.tolist()):
                     if finished[b]:
                         continue

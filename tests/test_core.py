@@ -307,3 +307,23 @@ def test_layer_split_placement_runs_and_matches(tmp_path):
     split = [int(t[0]) for t in generate_tokens(model, batch, GenerationOptions(6, stop_on_eos=False))]
     model._block_devices = None
     assert split == [int(t[0]) for t in generate_tokens(model, batch, GenerationOptions(6, stop_on_eos=False))]
+
+
+def test_script_exits_cleanly_without_close(tmp_path):
+    """The batching worker thread must not abort the interpreter at exit."""
+    code = ("import molmo_core, threading\n"
+            f"r = molmo_core.load({str(PARITY_D)!r}, device='cpu')\n"
+            "print(r.generate(None, 'Hello', max_new_tokens=3) is not None)\n"
+            "it = r.stream(None, 'Hello again', max_new_tokens=50); next(it, None)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "terminate called" not in p.stderr
+
+
+def test_captioner_template_sends_the_prompt_verbatim(runner_d):
+    wrapped = runner_d.process(None, "long_caption 65:")
+    raw = runner_d.process(None, "long_caption 65:", template="none")
+    tok = runner_d.tokenizer
+    assert raw.input_ids.tolist() == [tok.special.bos] + tok.encode(" long_caption 65:")
+    assert wrapped.input_ids.tolist() == [tok.special.bos] + tok.encode(" User: long_caption 65: Assistant:")
+    assert runner_d.generate(None, "long_caption 65:", template="none", max_new_tokens=4) is not None

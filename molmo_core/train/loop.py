@@ -175,7 +175,7 @@ class Trainer:
             enable_gradient_checkpointing(self.molmo)
         n_train = sum(p.numel() for p in self.molmo.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.molmo.parameters())
-        self.log(f"model: {a.model} ({a.mode}) on {self.device}, {n_train / 1e6:.2f} M of {n_all / 1e6:.1f} M "
+        self.log(f"model: {a.model} ({a.mode}) on {self.device}, {n_train / 1e6:.3g} M of {n_all / 1e6:.3g} M "
                  f"parameters trainable")
 
         # data
@@ -270,6 +270,7 @@ class Trainer:
             ce_local += float(ce)
         self.dropout.set_mask(None)
         norms = clip_per_component(self.optimizer, a.max_grad_norm)
+        lrs = {g["component"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this step used
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -277,7 +278,6 @@ class Trainer:
         self.seq_pos += a.batch_size * a.grad_accum * self.world
         (ce_global,) = self._all_reduce([ce_local])
         dt = time.perf_counter() - t0
-        lrs = {g["component"]: g["lr"] for g in self.optimizer.param_groups}
         return {"step": self.step, "loss": ce_global / max(n_global, 1.0), "lr": lrs.get("llm", 0.0),
                 "lr_connector": lrs.get("connector", 0.0), "lr_vit": lrs.get("vit", 0.0),
                 "tokens_per_s": tokens_global / dt, "loss_tokens": int(n_global), "step_s": dt,

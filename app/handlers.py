@@ -1,0 +1,236 @@
+"""Thin event handlers: (inputs, state) -> outputs. They call the service and render; no layout here.
+
+Every user-facing failure becomes `gr.Error(...)` with a message saying what to do; unexpected
+exceptions are logged with their traceback on the server and shown as a short message, so the
+server keeps serving and the browser never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import gradio as gr
+from PIL import Image
+
+from molmo_core.errors import CheckpointError, MolmoInputError
+from molmo_core.outputs import Point, parse_points, strip_tags
+
+from .service import MolmoService, NoModelError, ServiceBusyError, prepare_image
+
+log = logging.getLogger("molmo_studio")
+
+USER_ERRORS = (MolmoInputError, NoModelError, ServiceBusyError, CheckpointError, ValueError, TypeError)
+POINT_TABLE_HEADERS = ["#", "label", "x (px)", "y (px)"]
+QUANTIZE_LABELS = {"none (bf16 on GPU, fp32 on CPU)": None, "8bit": "8bit", "4bit": "4bit"}
+
+try:  # the overlay module (app/render.py); a minimal fallback keeps the app usable without it
+    from .render import draw_clock_face, draw_count_badge, draw_points
+except ImportError:  # pragma: no cover - only while render.py is being written
+    draw_clock_face = draw_count_badge = draw_points = None  # type: ignore[assignment]
+
+
+def _error(message: str) -> gr.Error:
+    return gr.Error(message, duration=15, print_exception=False)
+
+
+def _as_user_error(e: Exception, action: str) -> gr.Error:
+    if isinstance(e, gr.Error):
+        return e
+    if isinstance(e, USER_ERRORS):
+        return _error(str(e))
+    log.exception("Unexpected error while %s", action)
+    return _error(f"Something went wrong while {action} ({type(e).__name__}: {e}). "
+                  "The server is still running; check the server log and try again.")
+
+
+def user_errors(action: str) -> Callable:
+    """Decorator: turn exceptions of a handler (plain function or generator) into gr.Error."""
+
+    def wrap(fn: Callable) -> Callable:
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator:
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001
+                    raise _as_user_error(e, action) from None
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise _as_user_error(e, action) from None
+        return wrapper
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------- pure helpers
+
+
+def points_from_json(result: dict | None) -> list[Point]:
+    if not result:
+        return []
+    return [Point(float(p["x"]), float(p["y"]), str(p.get("label", "")), int(p["index"]))
+            for p in result.get("points", [])]
+
+
+def points_table(points: Sequence[Point]) -> list[list]:
+    return [[p.index, p.label, round(p.x, 1), round(p.y, 1)] for p in points]
+
+
+def count_markdown(n: int | None, phrase: str = "") -> str:
+    if n is None:
+        return "### Count: ? (the answer states no count)"
+    return f"### Count: {n}" + (f" {phrase}" if phrase else "")
+
+
+def write_json(result: dict, stem: str) -> str:
+    """Write `result` to a fresh temp file (for the download button) and return its path."""
+    folder = Path(tempfile.gettempdir()) / "molmo_studio"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6:06d}.json"
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def overlay(image: Any, points: Sequence[Point], count: int | None) -> Image.Image:
+    """Numbered markers per label plus a count badge, on the image as the user gave it."""
+    base = Image.fromarray(prepare_image(image))
+    out = draw_points(base, points) if draw_points else base
+    if count is not None and draw_count_badge:
+        out = draw_count_badge(out, count)
+    return out
+
+
+def chat_messages(history: Sequence[Sequence[str]]) -> list[dict]:
+    """[(question, answer), ...] -> Chatbot messages; point tags shown as their labels."""
+    messages: list[dict] = []
+    for q, a in history:
+        messages.append({"role": "user", "content": q})
+        messages.append({"role": "assistant", "content": strip_tags(a)})
+    return messages
+
+
+# ---------------------------------------------------------------------------------------- handlers
+
+
+class Handlers:
+    """The app's handlers, bound to the shared service."""
+
+    def __init__(self, service: MolmoService):
+        self.service = service
+
+    # ------------------------------------------------------------------ model panel
+
+    def status(self) -> tuple[str, dict]:
+        st = self.service.status()
+        return st.markdown(), st.to_json()
+
+    def status_tick(self) -> tuple[str, dict, gr.Timer]:
+        """Status for the polling timer, which stops itself once no load is running."""
+        st = self.service.status()
+        return st.markdown(), st.to_json(), gr.Timer(active=st.load.phase == "loading")
+
+    def page_load(self) -> tuple[str, dict, gr.Timer]:
+        """On page load: the current status, and poll only while a model is loading."""
+        return self.status_tick()
+
+    @user_errors("loading the model")
+    def load_model(self, source: str, quantize: str | None, max_crops: float,
+                   progress: gr.Progress = gr.Progress()) -> tuple[str, dict]:
+        quant = QUANTIZE_LABELS.get(quantize, quantize) if quantize else None
+        thread = self.service.load((source or "").strip(), quant, int(max_crops or 12))
+        while thread.is_alive():
+            st = self.service.status().load
+            progress(st.fraction, desc=st.message)
+            thread.join(0.25)
+        st = self.service.status()
+        if st.load.phase == "error":
+            raise _error(f"Could not load {st.load.source}: {st.load.error}")
+        return st.markdown(), st.to_json()
+
+    # ------------------------------------------------------------------ point & count
+
+    @user_errors("pointing")
+    def point(self, image: Any, phrase: str) -> tuple[str, dict]:
+        result = self.service.point(image, phrase)
+        return result.answer, result.to_json()
+
+    @user_errors("counting")
+    def count(self, image: Any, phrase: str) -> tuple[str, dict]:
+        result = self.service.count(image, phrase)
+        return result.answer, result.to_json()
+
+    @user_errors("drawing the points")
+    def render_points(self, image: Any, result: dict | None) -> tuple[Image.Image, str, list[list], str]:
+        """(image, parsed result) -> overlay, count badge text, points table, JSON file to download."""
+        if not result:
+            raise _error("Nothing to draw yet: press Point or Count first.")
+        points = points_from_json(result)
+        n = result.get("count") if result.get("task") == "count" else len(points)
+        image_out = overlay(image, points, n)
+        return (image_out, count_markdown(n, result.get("phrase", "")), points_table(points),
+                write_json(result, result.get("task", "points")))
+
+    # ------------------------------------------------------------------ clock
+
+    @user_errors("reading the clock")
+    def read_clock(self, image: Any) -> tuple[str, dict]:
+        result = self.service.read_clock(image)
+        return result.answer, result.to_json()
+
+    @user_errors("drawing the clock face")
+    def render_clock(self, result: dict | None) -> tuple[str, Image.Image | None]:
+        """Parsed time -> the time shown large and an analog face drawn from it."""
+        if not result or result.get("time") is None:
+            return "# --:--\nThe answer contains no valid time (H:MM or H:MM:SS).", None
+        face = None
+        if draw_clock_face:
+            face = draw_clock_face(result["hour"], result["minute"], result.get("second"), size=320)
+        return f"# {result['time']}", face
+
+    # ------------------------------------------------------------------ caption
+
+    @user_errors("captioning")
+    def caption(self, image: Any, style: str, length_hint: float, chat_format: bool = False) -> tuple[str, dict]:
+        hint = None if length_hint is None or int(length_hint) <= 0 else int(length_hint)
+        result = self.service.caption(image, style or "long_caption", hint, chat_format=bool(chat_format))
+        return result.answer, result.to_json()
+
+    # ------------------------------------------------------------------ ask
+
+    @user_errors("answering")
+    def ask(self, image: Any, question: str, history: list | None) -> Iterator[tuple[list, list, str, dict]]:
+        """Stream the answer: yields (chat messages, history, answer so far, parsed result)."""
+        history = [tuple(turn) for turn in (history or [])]
+        stream = self.service.ask_stream(image, question, history)
+        question = question.strip()
+        text = ""
+        for text in stream:
+            yield chat_messages(history + [(question, text)]), history, text, {"task": "ask", "partial": True}
+        text = text.strip()
+        new_history = [list(t) for t in history] + [[question, text]]
+        points = []
+        if image is not None:
+            rgb = prepare_image(image)
+            points = parse_points(text, rgb.shape[1], rgb.shape[0])
+        result = {"task": "ask", "partial": False, "answer": text, "turn": len(new_history),
+                  "points": [{"index": p.index, "x": round(p.x, 1), "y": round(p.y, 1), "label": p.label}
+                             for p in points]}
+        yield chat_messages(new_history), new_history, text, result
+
+    def clear_chat(self) -> tuple[list, list, str]:
+        return [], [], ""
+
+    def clear_text(self) -> str:
+        return ""

@@ -1,0 +1,317 @@
+"""`build_demo(service) -> gr.Blocks`: layout and wiring only. The work is in `handlers.py`.
+
+Tabs: Model, Point & Count, Clock, Ask, Caption, and (when their modules import) Annotate and Train.
+Every event has an `api_name`, so `gradio_client` can drive the app:
+`/point`, `/count`, `/read_clock`, `/ask`, `/caption` (image + text -> answer text + parsed JSON),
+`/load_model`, `/status`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from molmo_core.prompts import DEFAULT_CAPTION_LENGTH_HINT
+
+from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
+from .service import MolmoService
+
+log = logging.getLogger("molmo_studio")
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train")
+HUB_CHOICES = ["allenai/Molmo-7B-D-0924", "allenai/Molmo-7B-O-0924", "allenai/MolmoE-1B-0924",
+               "allenai/Molmo-72B-0924"]
+# Gradio 6 takes CSS at launch: demo.launch(css=CSS).
+# Phrases for the shipped example photos (assets/LICENSES.md); other files use their name.
+EXAMPLE_PHRASES = {"chelsea": "the cat's eyes", "coffee": "the cup", "coins": "coins"}
+CSS = """
+#clock_time h1 { font-size: 4.5rem; line-height: 1.1; text-align: center; margin: 0.5rem 0; }
+#pc_count_badge h3 { font-size: 1.8rem; }
+"""
+
+
+def _image_input(elem_id: str, label: str = "Image") -> gr.Image:
+    """An image upload whose decoding errors (a non-image file, a decompression bomb) become a clear
+    gr.Error instead of Gradio's generic "Error". type="filepath": the service checks the header's
+    size before decoding, and composites transparency on white.
+
+    (Wrapping the instance's preprocess rather than subclassing gr.Image: Gradio writes a .pyi stub
+    next to the source file of every Component subclass.)"""
+    image = gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], elem_id=elem_id, height=420)
+    stock_preprocess = image.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return stock_preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            name = getattr(payload, "orig_name", None) or "The upload"
+            raise gr.Error(f"{name} is not a readable image or is too large ({type(e).__name__}); "
+                           "upload a JPEG, PNG or WebP photo of at most 100 megapixels.",
+                           duration=15, print_exception=False) from None
+
+    image.preprocess = preprocess  # type: ignore[method-assign]
+    return image
+
+
+# ---------------------------------------------------------------------------------------- examples
+
+
+def example_images(folder: Path = ASSETS) -> tuple[list[list[str]], list[str]]:
+    """(point/count examples as [path, phrase], clock image paths) from `assets/`.
+
+    The phrase comes from `assets/examples.json` ({"file.png": "coins"}) when present, else from the
+    file name ("coins.png" -> "coins"). Clock images are those whose name contains "clock"; when
+    there are none, three are rendered with our own clock renderer into a temp folder.
+    """
+    import json
+
+    phrases: dict[str, str] = {}
+    manifest = folder / "examples.json"
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                phrases = {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
+        except (OSError, ValueError):
+            log.warning("Ignoring unreadable %s", manifest)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    clocks = [str(p) for p in files if "clock" in p.name.lower()]
+    points = []
+    for p in files:
+        if "clock" in p.name.lower():
+            continue
+        phrase = phrases.get(p.name) or EXAMPLE_PHRASES.get(p.stem.lower()) or " ".join(p.stem.replace("_", " ").replace("-", " ").split()) or "objects"
+        points.append([str(p), phrase])
+    if not clocks:
+        clocks = _rendered_clocks()
+    return points[:12], clocks[:8]
+
+
+def _rendered_clocks(n: int = 3) -> list[str]:
+    from molmo_core.clocks import random_clock
+
+    out = Path(tempfile.gettempdir()) / "molmo_studio" / "clock_examples"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(n):
+        path = out / f"clock_{seed}.png"
+        if not path.is_file():
+            image, _ = random_clock(seed, size=384)
+            image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- tabs
+
+
+def _model_tab(h: Handlers) -> list[gr.components.Component]:
+    gr.Markdown("Load a Molmo v1 checkpoint: a hub id or a local folder in the official format. "
+                "Loading another model frees the current one first.")
+    with gr.Row():
+        with gr.Column(scale=3):
+            source = gr.Dropdown(HUB_CHOICES, value=_model_source(h.service), allow_custom_value=True, label="Checkpoint (hub id or local folder)",
+                                 elem_id="model_source")
+            quantize = gr.Radio(list(QUANTIZE_LABELS), value=next(iter(QUANTIZE_LABELS)),
+                                label="Precision / quantization", elem_id="model_quantize")
+            max_crops = gr.Slider(1, 36, value=12, step=1, label="Max crops (more = finer detail, more memory)",
+                                  elem_id="model_max_crops")
+            with gr.Row():
+                load = gr.Button("Load", variant="primary", elem_id="model_load")
+                refresh = gr.Button("Refresh status", elem_id="model_refresh")
+        with gr.Column(scale=2):
+            status_md = gr.Markdown(h.service.status().markdown(), elem_id="model_status")
+            with gr.Accordion("Status details (JSON)", open=False):
+                status_json = gr.JSON(elem_id="model_status_json")
+    load.click(h.load_model, [source, quantize, max_crops], [status_md, status_json], api_name="load_model",
+               concurrency_limit=1, concurrency_id="load")
+    refresh.click(h.status, None, [status_md, status_json], api_name="status")
+    # While a background load runs (e.g. the start-up model), poll its progress; idle otherwise.
+    timer = gr.Timer(1.0, active=False)
+    timer.tick(h.status_tick, None, [status_md, status_json, timer], api_name="status_tick",
+               api_visibility="undocumented", show_progress="hidden", queue=False)
+    return [status_md, status_json, timer]
+
+
+def _point_tab(h: Handlers, examples: list[list[str]]) -> None:
+    with gr.Row():
+        with gr.Column():
+            image = _image_input("pc_image")
+            phrase = gr.Textbox(label="What to point at / count", placeholder="e.g. coins, the dogs, people",
+                                elem_id="pc_phrase")
+            with gr.Row():
+                point_btn = gr.Button("Point", variant="primary", elem_id="pc_point")
+                count_btn = gr.Button("Count", variant="primary", elem_id="pc_count")
+            if examples:
+                gr.Examples(examples, [image, phrase], label="Examples (click one)", examples_per_page=12)
+        with gr.Column():
+            overlay = gr.Image(label="Points", type="pil", interactive=False, elem_id="pc_overlay", height=420,
+                               format="png")
+            badge = gr.Markdown("", elem_id="pc_count_badge")
+            answer = gr.Textbox(label="Model answer (raw)", interactive=False, lines=2, elem_id="pc_answer")
+    with gr.Row():
+        table = gr.Dataframe(headers=POINT_TABLE_HEADERS, datatype=["number", "str", "number", "number"],
+                             label="Points in pixels", interactive=False, elem_id="pc_table")
+        with gr.Column():
+            download = gr.File(label="Download points (JSON)", interactive=False, elem_id="pc_download")
+            with gr.Accordion("Parsed result (JSON)", open=False):
+                result = gr.JSON(elem_id="pc_json")
+    render_outputs = [overlay, badge, table, download]
+    for btn, fn, name in ((point_btn, h.point, "point"), (count_btn, h.count, "count")):
+        ev = btn.click(fn, [image, phrase], [answer, result], api_name=name)
+        ev.success(h.render_points, [image, result], render_outputs, api_name=f"render_{name}",
+                   api_visibility="undocumented")
+    ev = phrase.submit(h.point, [image, phrase], [answer, result], api_name="point_submit",
+                       api_visibility="undocumented")
+    ev.success(h.render_points, [image, result], render_outputs, api_name="render_point_submit",
+               api_visibility="undocumented")
+
+
+def _clock_tab(h: Handlers, examples: list[str]) -> None:
+    gr.Markdown("Molmo reads the clock; the face on the right is drawn from the time it read, "
+                "so you can compare the hands at a glance.")
+    with gr.Row():
+        with gr.Column():
+            image = _image_input("clock_image", "Clock photo")
+            read = gr.Button("Read the time", variant="primary", elem_id="clock_read")
+            if examples:
+                gr.Examples([[p] for p in examples], [image], label="Examples (rendered clocks)")
+        with gr.Column():
+            time_md = gr.Markdown("# --:--", elem_id="clock_time")
+            face = gr.Image(label="The time read, drawn", interactive=False, elem_id="clock_face", height=320,
+                            format="png")
+            answer = gr.Textbox(label="Model answer (raw)", interactive=False, elem_id="clock_answer")
+            with gr.Accordion("Parsed result (JSON)", open=False):
+                result = gr.JSON(elem_id="clock_json")
+    ev = read.click(h.read_clock, [image], [answer, result], api_name="read_clock")
+    ev.success(h.render_clock, [result], [time_md, face], api_name="render_clock", api_visibility="undocumented")
+
+
+def _ask_tab(h: Handlers, examples: list[list[str]]) -> None:
+    history = gr.State([])
+    with gr.Row():
+        with gr.Column(scale=2):
+            image = _image_input("ask_image")
+            if examples:
+                gr.Examples([[p] for p, _ in examples], [image], label="Examples")
+        with gr.Column(scale=3):
+            chat = gr.Chatbot(label="Chat about the image", height=460, elem_id="ask_chat")
+            question = gr.Textbox(label="Question", placeholder="Ask anything about the image; press Enter",
+                                  elem_id="ask_question")
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="ask_send")
+                clear = gr.Button("Clear chat", elem_id="ask_clear")
+            answer = gr.Textbox(label="Last answer (raw)", interactive=False, visible=False, elem_id="ask_answer")
+            with gr.Accordion("Parsed result (JSON)", open=False):
+                result = gr.JSON(elem_id="ask_json")
+    outputs = [chat, history, answer, result]
+    ev = send.click(h.ask, [image, question, history], outputs, api_name="ask")
+    ev.success(h.clear_text, None, question, api_name="ask_clear_question", api_visibility="undocumented")
+    ev = question.submit(h.ask, [image, question, history], outputs, api_name="ask_submit",
+                         api_visibility="undocumented")
+    ev.success(h.clear_text, None, question, api_name="ask_submit_clear_question", api_visibility="undocumented")
+    clear.click(h.clear_chat, None, [chat, history, answer], api_name="clear_chat")
+    image.change(h.clear_chat, None, [chat, history, answer], api_name="new_image_clear_chat",
+                 api_visibility="undocumented")
+
+
+def _caption_tab(h: Handlers, examples: list[list[str]]) -> None:
+    with gr.Row():
+        with gr.Column():
+            image = _image_input("caption_image")
+            style = gr.Radio([("long caption", "long_caption"), ("transcript", "transcript")],
+                             value="long_caption", label="Style", elem_id="caption_style")
+            hint = gr.Slider(0, 200, value=DEFAULT_CAPTION_LENGTH_HINT, step=1, elem_id="caption_hint",
+                             label="Length hint (x15 characters; 65 = about 975 characters; 0 = no hint)")
+            chat_format = gr.Checkbox(False, label="Released chat model prompt (ignores the length hint)",
+                                      elem_id="caption_chat_format")
+            run = gr.Button("Caption", variant="primary", elem_id="caption_run")
+            if examples:
+                gr.Examples([[p] for p, _ in examples], [image], label="Examples")
+        with gr.Column():
+            answer = gr.Textbox(label="Caption", lines=14, interactive=False, elem_id="caption_answer")
+            with gr.Accordion("Parsed result (JSON)", open=False):
+                result = gr.JSON(elem_id="caption_json")
+    run.click(h.caption, [image, style, hint, chat_format], [answer, result], api_name="caption")
+
+
+def _optional_tabs(service: MolmoService, annotate_dir: str | None) -> None:
+    try:
+        from .annotate_tab import create_annotate_tab
+    except ImportError as e:
+        log.info("Annotate tab not available: %s", e)
+    else:
+        with gr.Tab("Annotate", id="annotate"):
+            create_annotate_tab(annotate_dir, service.get_runner)
+    try:
+        from .train_tab import create_train_tab  # type: ignore[import-not-found]
+    except ImportError as e:
+        log.info("Train tab not available: %s", e)
+    else:
+        with gr.Tab("Train", id="train"):
+            _create_train_tab(create_train_tab, service)
+
+
+def _model_source(service: MolmoService) -> str | None:
+    st = service.status()
+    return st.load.source if st.loaded or st.load.phase == "loading" else None
+
+
+def _create_train_tab(create_train_tab: Any, service: MolmoService) -> None:
+    """Adapter over the Train tab's factory: `(get_model_source, on_load_result)` (current) or
+    `(get_service)` (the original brief)."""
+    import inspect
+
+    n_required = sum(1 for p in inspect.signature(create_train_tab).parameters.values()
+                     if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    if n_required >= 2:
+        def load_result(path: str) -> None:
+            service.load(path, None, service.status().max_crops or 12)
+
+        create_train_tab(lambda: _model_source(service), load_result)
+    else:
+        create_train_tab(lambda: service)
+
+
+def build_demo(service: MolmoService, *, default_tab: str | None = None, annotate_dir: str | None = None,
+               notice: str | None = None) -> gr.Blocks:
+    """The whole UI over one shared `service`.
+
+    Args:
+        service: owns the loaded model; shared by every browser session.
+        default_tab: one of "model", "point", "clock", "ask", "caption", "annotate", "train"
+            (default: "point" when a model is loaded or loading, else "model").
+        annotate_dir: the project folder the Annotate tab opens with.
+        notice: a banner shown above the tabs (e.g. "no GPU and no local weights: ...").
+    """
+    h = Handlers(service)
+    point_examples, clock_examples = example_images()
+    if default_tab is None:
+        default_tab = "point" if service.status().loaded or service.status().load.phase == "loading" else "model"
+    if default_tab not in TAB_IDS:
+        raise ValueError(f"default_tab must be one of {TAB_IDS}, got {default_tab!r}.")
+    with gr.Blocks(title="Molmo Studio", analytics_enabled=False) as demo:
+        gr.Markdown("## Molmo Studio\nPoint, count, read clocks, caption and chat with Molmo.")
+        if notice:
+            gr.Markdown(notice, elem_id="startup_notice")
+        with gr.Tabs(selected=default_tab):
+            with gr.Tab("Model", id="model"):
+                model_outputs = _model_tab(h)
+            with gr.Tab("Point & Count", id="point"):
+                _point_tab(h, point_examples)
+            with gr.Tab("Clock", id="clock"):
+                _clock_tab(h, clock_examples)
+            with gr.Tab("Ask", id="ask"):
+                _ask_tab(h, point_examples)
+            with gr.Tab("Caption", id="caption"):
+                _caption_tab(h, point_examples)
+            _optional_tabs(service, annotate_dir)
+        demo.load(h.page_load, None, model_outputs, api_name="page_load", api_visibility="undocumented", queue=False)
+    return demo

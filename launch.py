@@ -1,0 +1,200 @@
+"""Molmo Studio: one command line.
+
+    python launch.py                              # serve the UI; load the default model in the background
+    python launch.py --model ./checkpoints/tiny-d # a local folder or a hub id
+    python launch.py --model allenai/Molmo-7B-D-0924 --quantize 4bit --port 7860
+    python launch.py --annotate ./my_project      # open on the Annotate tab with that project
+    python launch.py --finetune ...               # the embedded trainer (molmo_core.train.cli)
+    python launch.py --export-pixmo-cap ./my_project out.parquet
+
+The server listens on 127.0.0.1 unless --host says otherwise; --share is off by default and
+--auth user:password adds a login.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HUB_MODEL = "allenai/Molmo-7B-D-0924"
+SMALL_HUB_MODEL = "allenai/MolmoE-1B-0924"
+CHECKPOINTS_DIR = Path("checkpoints")
+
+
+@dataclass(frozen=True)
+class StartupChoice:
+    """What to load at start-up (source None = nothing) and a notice for the UI, if any."""
+
+    source: str | None
+    quantize: str | None
+    notice: str | None = None
+
+
+def find_local(hub_id: str) -> str | None:
+    """A local copy of `hub_id`: ./checkpoints/<name>, else the Hugging Face cache (no network)."""
+    folder = CHECKPOINTS_DIR / hub_id.split("/")[-1]
+    if (folder / "config.json").is_file():
+        return str(folder)
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(hub_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or no huggingface_hub): no local copy
+        return None
+    return path if (Path(path) / "config.json").is_file() else None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+
+
+def _download_hint(hub_id: str) -> str:
+    name = hub_id.split("/")[-1]
+    return (f"Download it on a machine with internet access with "
+            f"`huggingface-cli download {hub_id} --local-dir ./checkpoints/{name}`, copy the folder here "
+            f"and start with `python launch.py --model ./checkpoints/{name}`.")
+
+
+def choose_startup_model() -> StartupChoice:
+    """DESIGN.md start-up rule: Molmo-7B-D in bf16 on a large GPU, 4-bit on a small one; on CPU
+    MolmoE-1B if its weights are already here, otherwise a clear "no GPU" notice (nothing loads)."""
+    import torch
+
+    if torch.cuda.is_available():
+        total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        hub_id, quantize = ((DEFAULT_HUB_MODEL, None) if total_gib >= 40 else
+                            (DEFAULT_HUB_MODEL, "4bit") if total_gib >= 10 else (SMALL_HUB_MODEL, "4bit"))
+        local = find_local(hub_id)
+        if local is None and _offline():
+            return StartupChoice(None, None, f"**No local weights for {hub_id} and the hub is offline.** "
+                                 + _download_hint(hub_id) + " Annotation and export work without a model.")
+        return StartupChoice(local or hub_id, quantize)
+    local = find_local(SMALL_HUB_MODEL)
+    if local is not None:
+        return StartupChoice(local, None, "**No GPU found:** running MolmoE-1B on the CPU; answers are slow.")
+    return StartupChoice(None, None, (
+        "**No GPU found and no local weights, so no model is loaded.** Molmo needs a GPU to be usable; "
+        f"on CPU you can still run MolmoE-1B. {_download_hint(SMALL_HUB_MODEL)} "
+        "For a quick test, make a tiny random checkpoint with "
+        "`python -m molmo_core.tiny --variant d --out ./checkpoints/tiny-d` and load it in the Model tab. "
+        "Annotation and export work without a model."))
+
+
+def main(model: str | None = None, quantize: str | None = None, max_crops: int = 12, host: str = "127.0.0.1",
+         port: int | None = None, share: bool = False, auth: str | None = None, queue_size: int = 64,
+         annotate: str | None = None, block: bool = True):
+    """Serve the UI. Returns the Blocks (already launched; with `block=False` the call returns at once).
+
+    Args:
+        model: a local checkpoint folder or a hub id; None applies the start-up rule above.
+        quantize: None, "8bit" or "4bit".
+        max_crops: image crops per image (12 as trained; more for fine detail).
+        host: interface to listen on (127.0.0.1: this machine only).
+        port: port (None: the first free one from 7860).
+        share: create a public gradio.live link (explicit opt-in).
+        auth: "user:password" to require a login.
+        queue_size: requests that may wait in the queue before new ones are refused.
+        annotate: a project folder to open on the Annotate tab.
+        block: keep serving until interrupted (False: return after launch; for tests).
+    """
+    from app import CSS, MolmoService, build_demo
+
+    credentials = None
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("--auth must look like user:password")
+        credentials = [(user, password)]
+    if share and not credentials:
+        print("warning: --share without --auth makes the app public to anyone with the link", file=sys.stderr)
+
+    service = MolmoService()
+    if model:
+        choice = StartupChoice(model, quantize)
+    else:
+        choice = choose_startup_model()
+        if quantize:
+            choice = StartupChoice(choice.source, quantize, choice.notice)
+    if choice.source:
+        service.load(choice.source, choice.quantize, max_crops)  # background thread; UI opens at once
+
+    demo = build_demo(service, default_tab="annotate" if annotate else None, annotate_dir=annotate,
+                      notice=choice.notice)
+    # One generation runs at a time in the runner; the queue keeps the others waiting in order.
+    demo.queue(max_size=queue_size, default_concurrency_limit=4)
+    _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share, auth=credentials,
+                                          prevent_thread_lock=True, css=CSS, show_error=False, quiet=True)
+    _print_startup(service, choice, local_url, share_url)
+    if block:
+        try:
+            demo.block_thread()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            service.unload()
+    return demo
+
+
+def _print_startup(service, choice: StartupChoice, local_url: str, share_url: str | None) -> None:
+    import torch
+
+    device = (f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu")
+    precision = choice.quantize or ("bf16" if torch.cuda.is_available() else "fp32")
+    print(f"Molmo Studio at {local_url}" + (f"  (public: {share_url})" if share_url else ""), flush=True)
+    print(f"  model: {choice.source or 'none'} · device: {device} · precision: {precision}", flush=True)
+    if service.status().load.phase == "loading":
+        print("  loading in the background; progress is shown in the Model tab", flush=True)
+    if choice.notice:
+        print("  " + choice.notice.replace("**", ""), flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", description="Molmo Studio: serve the UI (default) or run a verb.")
+    p.add_argument("--model", help="checkpoint: local folder or hub id (default: the start-up rule)")
+    p.add_argument("--quantize", choices=["8bit", "4bit"], help="load weights quantized with bitsandbytes")
+    p.add_argument("--max-crops", type=int, default=12, help="image crops per image (default 12, as trained)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: first free from 7860)")
+    p.add_argument("--share", action="store_true", help="create a public share link (off by default)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
+    p.add_argument("--queue-size", type=int, default=64, help="max waiting requests (default 64)")
+    # Other verbs (wired by the lead): each takes over the command line.
+    p.add_argument("--annotate", metavar="FOLDER", help="open on the Annotate tab with this project folder")
+    p.add_argument("--finetune", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="run the trainer: everything after --finetune goes to molmo_core.train.cli")
+    p.add_argument("--export-pixmo-cap", nargs=2, metavar=("FOLDER", "OUT_PARQUET"),
+                   help="export an annotation project as PixMo-Cap parquet")
+    return p
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    print(f"launch.py: {vars(args)}", flush=True)
+    # --- hook: fine-tuning (the lead wires molmo_core.train) -------------------------------------
+    if args.finetune is not None:
+        try:
+            from molmo_core.train.cli import main as train_main
+        except ImportError as e:
+            print(f"--finetune is not available: {e}", file=sys.stderr)
+            return 2
+        return int(train_main(args.finetune) or 0)
+    # --- hook: PixMo-Cap export ------------------------------------------------------------------
+    if args.export_pixmo_cap:
+        try:
+            from annotate.cli import main_export
+        except ImportError as e:
+            print(f"--export-pixmo-cap is not available: {e}", file=sys.stderr)
+            return 2
+        folder, out = args.export_pixmo_cap
+        return int(main_export(folder, out) or 0)
+    # --- default verb: serve the UI (--annotate opens the Annotate tab) ---------------------------
+    main(model=args.model, quantize=args.quantize, max_crops=args.max_crops, host=args.host, port=args.port,
+         share=args.share, auth=args.auth, queue_size=args.queue_size, annotate=args.annotate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
