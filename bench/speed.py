@@ -23,7 +23,7 @@ import torch
 from molmo_core.config import MolmoConfig
 from molmo_core.generation import Batch, GenerationOptions, collate, generate_tokens
 from molmo_core.model import Molmo
-from molmo_core.preprocessing import MolmoProcessor, SpecialTokens, process_image
+from molmo_core.preprocessing import ProcessedInput, SpecialTokens, process_image
 from molmo_core.tiny import VARIANTS, init_random_
 
 CONFIGS = {"tiny": VARIANTS["d"], "mid": VARIANTS["mid"], "7b-d": MolmoConfig.from_name("Molmo-7B-D-0924"),
@@ -79,16 +79,12 @@ def fake_inputs(config: MolmoConfig, batch: int, image: bool) -> Batch:
     for b in range(batch):
         text = rng.integers(0, V - 8, 24).tolist()
         if not image:
-            from molmo_core.preprocessing import ProcessedInput
-
             items.append(ProcessedInput(np.array([sp.bos] + text), None, None, None))
             continue
         img = process_image(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8), special=sp,
                             crop_size=config.vision.image_size, patch=config.vision.patch_size)
         ids = np.concatenate([[sp.bos], img.image_tokens, text])
         idx = np.where(img.patch_positions >= 0, img.patch_positions + 1, -100)
-        from molmo_core.preprocessing import ProcessedInput
-
         items.append(ProcessedInput(ids, img.images, img.image_masks, idx))
     return collate(items)
 
