@@ -7,7 +7,7 @@ alone or in a batch. The KV cache is static: allocated once for prompt + max_new
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -34,7 +34,6 @@ class Batch:
     images: torch.Tensor | None = None  # (B, n_crops, 576, 588), -1 = padding crops
     image_masks: torch.Tensor | None = None  # (B, n_crops, 576)
     image_input_idx: torch.Tensor | None = None  # (B, n_crops, 144), -1/-100 = unused
-    extra: dict = field(default_factory=dict)
 
     def to(self, device, dtype) -> "Batch":
         f = lambda t, dt=None: None if t is None else t.to(device=device, dtype=dt or t.dtype)  # noqa: E731

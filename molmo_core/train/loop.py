@@ -136,12 +136,20 @@ class Trainer:
         torch.manual_seed(a.seed)
         random.seed(a.seed)
         np.random.seed(a.seed % 2**32)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        self.ddp = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()
+            self.accelerator = Accelerator()  # DDP or FSDP, per the accelerate config
             self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
             self.device = self.accelerator.device
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun): plain DDP over gloo
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            self.world, self.rank, self.ddp = dist.get_world_size(), dist.get_rank(), True
+            self.device = torch.device("cpu")
         else:
             dev = a.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
             self.device = torch.device(dev)
@@ -165,6 +173,9 @@ class Trainer:
 
             for name, p in self.molmo.named_parameters():
                 p.requires_grad_(component_of(name) not in a.freeze)
+            vit = self.molmo.vision_backbone.image_vit  # blocks after the deepest selected layer never run
+            for block in vit.transformer.resblocks[vit.n_needed_blocks:]:
+                block.requires_grad_(False)
         else:
             from .lora import add_lora
 
@@ -175,6 +186,8 @@ class Trainer:
             enable_gradient_checkpointing(self.molmo)
         n_train = sum(p.numel() for p in self.molmo.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.molmo.parameters())
+        if self.rank != 0:
+            self.log = lambda s: None
         self.log(f"model: {a.model} ({a.mode}) on {self.device}, {n_train / 1e6:.3g} M of {n_all / 1e6:.3g} M "
                  f"parameters trainable")
 
@@ -207,6 +220,8 @@ class Trainer:
         self.model = self.loss_module
         if self.accelerator is not None:
             self.model, self.optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
+        elif self.ddp:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.loss_module)
         lrs = a.component_lrs()
         self.log(f"schedule: {self.max_steps} steps x {per_step} sequences; lr llm {lrs['llm']:.2e}, connector "
                  f"{lrs['connector']:.2e}, vit {lrs['vit']:.2e}; warmup {self.warmups}; cosine to "
@@ -216,7 +231,8 @@ class Trainer:
 
     def _print_args(self) -> None:
         if self.rank == 0:
-            self.log("train args: " + json.dumps(self.args.to_dict(), default=str))
+            self.log("train args: " + json.dumps(self.args.to_dict(), default=str)
+                     + (f"; {self.world} processes" if self.world > 1 else ""))
 
     # ------------------------------------------------------------------ batches
     def _micro_batches(self, seq_pos: int) -> list[dict[str, torch.Tensor]]:
@@ -257,8 +273,13 @@ class Trainer:
         for i, batch in enumerate(micro):
             batch = self._to_device(batch)
             self.dropout.set_mask(batch["loss_mask"] > 0)
-            sync = (self.accelerator.no_sync(self.model) if self.accelerator is not None and i < len(micro) - 1
-                    else nullcontext())
+            last = i == len(micro) - 1
+            if self.accelerator is not None and not last:
+                sync = self.accelerator.no_sync(self.model)
+            elif self.ddp and not last:
+                sync = self.model.no_sync()
+            else:
+                sync = nullcontext()
             with sync:
                 with self._autocast():
                     total, ce, _ = self.model(batch)
