@@ -46,7 +46,7 @@ def args_for(ckpt: Path, data: Path, out: Path, **kw) -> TrainArgs:
 
 
 def logits(model, runner, image: Path, prompt: str) -> torch.Tensor:
-    x = runner.process(str(image), prompt)
+    x = runner.process(str(image), prompt, template="none")
     with torch.no_grad():
         return model(torch.from_numpy(x.input_ids)[None], torch.from_numpy(x.images)[None],
                      torch.from_numpy(x.image_masks)[None], torch.from_numpy(x.image_input_idx)[None].long())
@@ -87,22 +87,20 @@ def test_qlora_runs_on_cpu(ckpt, tmp_path):
     print(f"qlora: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in 8 steps")
     assert all(np.isfinite(result.losses)) and result.losses[-1] < 0.8 * result.losses[0]
     runner = molmo_core.load(out / "final", device="cpu", max_crops=1)  # merged into full-precision weights
-    assert isinstance(runner.generate(tmp_path / "img0.png", "long_caption 0:", max_new_tokens=4), str)
+    assert isinstance(runner.generate(tmp_path / "img0.png", "long_caption 0:", max_new_tokens=4, template="none"), str)
 
 
 def test_length_hint_changes_output_length(ckpt, tmp_path):
-    """Each image has a short (7 chars, hint 0) and a long (63 chars, hint 4) caption; after training, the
+    """One image with a short (5 chars, hint 0) and a long (57 chars, hint 3) caption: after training, the
     hint alone decides how long the generated caption is."""
-    short, long = "cat cat", " ".join(["cat"] * 16)
-    rows = [(i, c) for i in range(3) for c in (short, long)]
-    data = write_records(tmp_path, rows)
-    args = args_for(ckpt, data, tmp_path / "run", mode="full", lr=1e-3, batch_size=6, max_steps=40, hint_prob=1.0,
+    short, long = "a cat", "a cat on the red table with two black dogs and a blue car"
+    data = write_records(tmp_path, [(0, short), (0, long)])
+    args = args_for(ckpt, data, tmp_path / "run", mode="full", lr=2e-3, batch_size=2, max_steps=100, hint_prob=1.0,
                     hint_noise_chars=0.0)
     t0 = time.perf_counter()
     result = Trainer(args, log=lambda s: None).run()
     runner = molmo_core.load(tmp_path / "run" / "final", device="cpu", max_crops=1)
-    lengths = {h: [len(runner.generate(tmp_path / f"img{i}.png", f"long_caption {h}:", max_new_tokens=40))
-                   for i in range(3)] for h in (0, 4)}
-    print(f"length hint: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, output chars with hint 0: "
-          f"{lengths[0]}, hint 4: {lengths[4]} ({time.perf_counter() - t0:.1f} s)")
-    assert np.mean(lengths[4]) >= 3 * np.mean(lengths[0])
+    outputs = {h: runner.generate(tmp_path / "img0.png", f"long_caption {h}:", max_new_tokens=40, template="none") for h in (0, 3)}
+    print(f"length hint: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in 100 steps "
+          f"({time.perf_counter() - t0:.1f} s); hint 0 -> {len(outputs[0])} chars, hint 3 -> {len(outputs[3])} chars")
+    assert outputs == {0: short, 3: long}

@@ -15,9 +15,9 @@ tokens and their EOS only.
 
 Caption prompts carry the length hint on 90 % of examples: `"long_caption {n}:"` / `"transcript {n}:"`
 with `n = (len(text) + int(N(0, 25))) // 15`, else `"long_caption :"` (section 8.1). With
-`prompt_format="chat"` (default) each prompt is wrapped the way the released models were fine-tuned
-(`" User: {prompt} Assistant:"`, section 6.2), so the result answers the same prompt in the app's chat;
-`prompt_format="captioner"` gives the captioner's raw `" {prompt}"` form.
+`prompt_format="chat"` each prompt is wrapped the way the released models were fine-tuned
+(`" User: {prompt} Assistant:"`, section 6.2); the default `"captioner"` gives
+the captioner's raw `" {prompt}"` form, which the app's Caption tab uses (`runner.stream(..., template="none")`).
 
 Sources (`load_records`):
   * PixMo-Cap-shaped parquet (`image_url`, `caption`, `transcripts`, optionally our export's `image_path`
@@ -314,7 +314,7 @@ def load_records(sources: str | Path | Sequence[str | Path], images_dir: str | P
 # ----------------------------------------------------------------------------------------- examples
 @dataclass
 class ExampleOptions:
-    prompt_format: str = "chat"  # "chat" (" User: p Assistant:") or "captioner" (" p")
+    prompt_format: str = "captioner"  # "captioner" (" p", section 8.1) or "chat" (" User: p Assistant:")
     hint_prob: float = 0.9  # fraction of caption examples with a length hint
     hint_noise_chars: float = 25.0  # std of the Gaussian jitter added to the length before // 15
     annotations: str = "all"  # "all" | "paper" (caption + one random transcript) | "captions"

@@ -45,7 +45,7 @@ from torch import nn
 
 from .data import (DataReport, ExampleOptions, ExampleStream, ImageCache, collate, load_records, split_records)
 from .recipe import (ResponseDropout, TrainArgs, clip_per_component, enable_gradient_checkpointing, loss_sums,
-                     make_optimizer, make_scheduler, param_groups, unwrap)
+                     make_optimizer, make_scheduler, param_groups)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -84,8 +84,9 @@ class TrainArgs:
     """Image crops (as at inference); lower for speed and memory."""
     max_caption_chars: int = 6000
     """Longer captions/transcripts are truncated with a warning."""
-    prompt_format: str = "chat"
-    """chat: ' User: long_caption 40: Assistant:' (answers in the app's chat); captioner: raw ' long_caption 40:'."""
+    prompt_format: str = "captioner"
+    """captioner: raw ' long_caption 40:' (section 8.1; what the app's Caption tab sends, template "none");
+    chat: ' User: long_caption 40: Assistant:' (the released models' chat wrapper, template "role")."""
     hint_prob: float = 0.9
     """Fraction of caption examples whose prompt carries the length hint."""
     hint_noise_chars: float = 25.0
