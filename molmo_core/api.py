@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -88,7 +89,7 @@ class MolmoRunner:
 
 
 def load(source: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         quantize: str | None = None, max_crops: int = 12, progress: ProgressFn | None = None) -> MolmoRunner:
+         quantize: str | None = None, max_crops: int | None = None, progress: ProgressFn | None = None) -> MolmoRunner:
     """Load an official Molmo v1 checkpoint from a local folder or a hub id.
 
     Raises:
@@ -108,6 +109,9 @@ def load(source: str | Path, *, device: str | torch.device | None = None, dtype:
         raise CheckpointError(f"Could not load the tokenizer in {path}: {e}") from e
     model = load_model(path, device=device, dtype=dtype, quantize=quantize, devices=devices, progress=progress)
     cfg = model.config
+    if max_crops is None:  # a model fine-tuned with other max_crops records it next to its weights
+        tuned = path / "finetune.json"
+        max_crops = int(json.loads(tuned.read_text()).get("max_crops", 12)) if tuned.is_file() else cfg.max_crops
     processor = MolmoProcessor(tokenizer, max_crops=max_crops, resize=cfg.resize,
                                crop_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
                                max_length=cfg.text.max_sequence_length)

@@ -562,7 +562,7 @@ class Trainer:
 
         dtype = torch.float32 if self.args.export_dtype == "float32" else torch.bfloat16
         info = {"base": str(self.args.model), "mode": self.args.mode, "steps": self.step,
-                "args": self.args.to_dict()}
+                "max_crops": self.args.max_crops, "args": self.args.to_dict()}  # molmo_core.load reads max_crops
         if self.args.mode == "full":
             final = export_model(self.molmo, self.base_path, self.out / "final", dtype, extra=info)
             self.log(f"exported: {final}")
