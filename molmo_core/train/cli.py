@@ -4,7 +4,7 @@
                      [--max-steps N] [--lr LR] [... every TrainArgs field as --field-name]
     python -m molmo_core.train  (same flags)
 
-Several GPUs / nodes (DDP or FSDP through accelerate; see configs/accelerate/README.md):
+Several GPUs / nodes (DDP through accelerate; see configs/accelerate/README.md):
     accelerate launch --config_file configs/accelerate/ddp.yaml -m molmo_core.train --model ... --data ... --out ...
 
 `start_background(args)` runs the same thing as a child process (the UI's Train tab), logging to

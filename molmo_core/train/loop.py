@@ -18,7 +18,7 @@ checkpoint as the latest. Resuming restores the trainable weights, optimizer, sc
 the data position, so a resumed run reproduces the losses of an uninterrupted one.
 
 Multi-GPU: started by `accelerate launch` (WORLD_SIZE > 1) the loop uses accelerate's Accelerator, which
-wraps the loss module in DDP or FSDP per the accelerate config (see configs/accelerate/).
+wraps the loss module in DDP per the accelerate config (see configs/accelerate/; FSDP is refused).
 """
 
 from __future__ import annotations
@@ -140,7 +140,12 @@ class Trainer:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()  # DDP or FSDP, per the accelerate config
+            self.accelerator = Accelerator()  # DDP, per the accelerate config
+            if "FSDP" in str(self.accelerator.distributed_type):
+                # Checkpoints are written by rank 0 from its own parameters; under FSDP those are shards,
+                # so a checkpoint would be incomplete. Refuse rather than write one.
+                raise TrainError("FSDP is not supported yet: checkpoints would hold only rank 0's shard. "
+                                 "Use configs/accelerate/ddp.yaml (DDP), or --mode qlora/lora to fit one GPU.")
             self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
             self.device = self.accelerator.device
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun): plain DDP over gloo
