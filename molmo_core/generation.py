@@ -7,6 +7,8 @@ alone or in a batch. The KV cache is static: allocated once for prompt + max_new
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -78,27 +80,45 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
-class Decoder:
-    """The single-token decode step over a static KV cache, optionally compiled.
+def decode_step(model: Molmo, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per row over the static cache: tok (B, 1), pos (B, 1), slot (1,) -> logits (B, V)."""
+    return model(tok, position_ids=pos, cache=cache, cache_pos=slot)[:, -1]
 
-    Shapes never change between steps (tokens (B, 1), positions (B, 1), one cache slot), so the step
-    compiles once per (batch size, cache length). On CUDA, mode "reduce-overhead" adds CUDA graphs.
-    """
 
-    _compiled: dict = {}
+def compiled_decode_step(model: Molmo):
+    """`decode_step` compiled once per model (kept on the model, so it is freed with it).
 
-    def __init__(self, model: Molmo, compile: bool = False):
-        self.model = model
-        self.step = self._eager
-        if compile:
-            key = id(model)
-            if key not in Decoder._compiled:
-                mode = "reduce-overhead" if model.device.type == "cuda" else None
-                Decoder._compiled[key] = torch.compile(self._eager, mode=mode, dynamic=False, fullgraph=False)
-            self.step = Decoder._compiled[key]
+    Shapes never change between steps, so it compiles once per (batch size, cache length bucket); on
+    CUDA, mode "reduce-overhead" adds CUDA graphs (the cache tensors have static addresses)."""
+    fn = model.__dict__.get("_compiled_decode")
+    if fn is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        fn = torch.compile(functools.partial(decode_step, model), mode=mode, dynamic=False)
+        model.__dict__["_compiled_decode"] = fn
+    return fn
 
-    def _eager(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.model(tok, position_ids=pos, cache=cache, cache_pos=slot)[:, -1]
+
+CACHE_BUCKET = 256
+CACHE_POOL = 4
+
+
+def pooled_cache(model: Molmo, batch_size: int, max_len: int) -> KVCache:
+    """A KV cache reused across generations (same tensors, so compiled/graph-captured steps see the
+    same addresses). Lengths are rounded up to CACHE_BUCKET to bound recompilations; the pool keeps the
+    CACHE_POOL most recent shapes. Only the single decoding thread may use it."""
+    pool: OrderedDict = model.__dict__.setdefault("_cache_pool", OrderedDict())
+    max_len = min(-(-max_len // CACHE_BUCKET) * CACHE_BUCKET, model.config.text.max_sequence_length)
+    key = (batch_size, max_len)
+    cache = pool.pop(key, None)
+    if cache is None:
+        cache = KVCache(model.config.text, batch_size, max_len, model.device, model.dtype, model._block_devices)
+        for t in [*cache.k, *cache.v, cache.valid]:
+            torch._dynamo.mark_static_address(t)
+    pool[key] = cache
+    while len(pool) > CACHE_POOL:
+        pool.popitem(last=False)
+    cache.valid.zero_()
+    return cache
 
 
 def can_compile(model: Molmo) -> bool:
@@ -132,7 +152,11 @@ def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Seque
     assert len(rows) == B, f"{len(rows)} option sets for {B} rows"
     steps = max(o.max_new_tokens for o in rows)
     max_len = min(L + steps, model.config.text.max_sequence_length)
-    cache = KVCache(model.config.text, B, max_len, model.device, model.dtype, model._block_devices)
+    if compile:
+        cache = pooled_cache(model, B, max_len)
+    else:
+        cache = KVCache(model.config.text, B, max_len, model.device, model.dtype, model._block_devices)
+    n_steps = max_len - L
     gens = []
     for o in rows:
         g = None
@@ -144,7 +168,7 @@ def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Seque
     limit = torch.tensor([o.max_new_tokens for o in rows], device=model.device)
     stop_eos = torch.tensor([o.stop_on_eos and eos_id is not None for o in rows], device=model.device)
     filler = eos_id if eos_id is not None else -1
-    decoder = Decoder(model, compile=compile)
+    step_fn = compiled_decode_step(model) if compile else functools.partial(decode_step, model)
 
     valid = batch.input_ids != -1
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -153,7 +177,7 @@ def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Seque
     next_pos = pos[:, -1:] + 1  # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     suppress = [i for i in suppress if i < logits.shape[-1]]
-    for step in range(max_len - L):
+    for step in range(n_steps):
         if suppress:
             logits[:, suppress] = float("-inf")
         if uniform:
@@ -164,10 +188,10 @@ def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Seque
         tok = torch.where(done, torch.full_like(tok, filler), tok)
         yield tok
         done |= (stop_eos & (tok == filler)) | (step + 1 >= limit)
-        if bool(done.all()) or step + 1 >= max_len - L:
+        if bool(done.all()) or step + 1 >= n_steps:
             return
         slot = torch.tensor([L + step], device=model.device)
-        logits = decoder.step(tok.clamp(min=0)[:, None], next_pos, slot, cache)
+        logits = step_fn(tok.clamp(min=0)[:, None], next_pos, slot, cache)
         next_pos = next_pos + 1
 
 
