@@ -74,11 +74,27 @@ def resolve_checkpoint(source: str | os.PathLike, progress: ProgressFn | None = 
     try:
         if progress:
             progress(0.0, f"Downloading {text} from the Hugging Face hub...")
-        local = snapshot_download(text, allow_patterns=list(WEIGHT_PATTERNS))
+        local = snapshot_download(text, allow_patterns=list(WEIGHT_PATTERNS),
+                                  tqdm_class=forwarding_tqdm(progress, text) if progress else None)
     except Exception as e:
         raise CheckpointError(f"Could not download {text}: {type(e).__name__}: {e}\n\n" + _offline_message(text)) from e
     check_checkpoint_dir(Path(local))
     return Path(local)
+
+
+def forwarding_tqdm(progress: ProgressFn, name: str):
+    """A tqdm class that also reports download progress to `progress(fraction, message)` (the UI bar)."""
+    from tqdm.auto import tqdm
+
+    class ForwardingTqdm(tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            if self.total:
+                progress(min(self.n / self.total, 1.0), f"Downloading {name}: {self.desc or 'files'} "
+                                                        f"{self.n:,.0f}/{self.total:,.0f}")
+            return out
+
+    return ForwardingTqdm
 
 
 def _offline_message(repo_id: str) -> str:

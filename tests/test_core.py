@@ -327,3 +327,16 @@ def test_captioner_template_sends_the_prompt_verbatim(runner_d):
     assert raw.input_ids.tolist() == [tok.special.bos] + tok.encode(" long_caption 65:")
     assert wrapped.input_ids.tolist() == [tok.special.bos] + tok.encode(" User: long_caption 65: Assistant:")
     assert runner_d.generate(None, "long_caption 65:", template="none", max_new_tokens=4) is not None
+
+
+def test_download_progress_reaches_the_callback():
+    from molmo_core.weights import forwarding_tqdm
+
+    seen = []
+    cls = forwarding_tqdm(lambda f, m: seen.append((f, m)), "allenai/Molmo-7B-D-0924")
+    bar = cls(total=4, desc="Fetching 4 files", file=io.StringIO())
+    bar.update(1)
+    bar.update(3)
+    bar.close()
+    assert [f for f, _ in seen] == [0.25, 1.0]
+    assert "allenai/Molmo-7B-D-0924" in seen[-1][1] and "4/4" in seen[-1][1]
