@@ -6,6 +6,8 @@
 
 Several GPUs / nodes (DDP through accelerate; see configs/accelerate/README.md):
     accelerate launch --config_file configs/accelerate/ddp.yaml -m molmo_core.train --model ... --data ... --out ...
+Sharded full fine-tunes (torch FSDP2; tested on 2 CPU processes only): add --mode full --fsdp, or
+    torchrun --nproc_per_node N -m molmo_core.train --mode full --fsdp --model ... --data ... --out ...
 
 `start_background(args)` runs the same thing as a child process (the UI's Train tab), logging to
 OUT/train.log; stop it with `stop_background(proc)` (SIGTERM: the run saves a checkpoint and exports).
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = {"steps": result.steps, "last_loss": result.losses[-1] if result.losses else None,
                "final": str(result.final) if result.final else None, "stopped": result.stopped}
-    print("done: " + json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
+        print("done: " + json.dumps(summary))
     return 130 if result.stopped else 0
 
 

@@ -76,9 +76,16 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def export_model(model: nn.Module, base: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
-                 extra: dict | None = None) -> Path:
+def official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state-dict names -> official checkpoint keys (as `molmo_core.tiny.official_state_dict`)."""
+    return {(k if k.startswith("lm_head") else "model." + k): v for k, v in state.items()}
+
+
+def export_model(model: nn.Module | None, base: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
+                 extra: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (a plain, unquantized Molmo) to `out` in the official format; returns `out`.
+
+    `state`: the model's full state dict under our names, instead of `model` (FSDP: gathered from the shards).
 
     Raises:
         OSError: the disk is full or not writable (the previous `out`, if any, is left untouched).
@@ -92,7 +99,7 @@ def export_model(model: nn.Module, base: str | Path, out: str | Path, dtype: tor
     try:
         copy_support_files(base_path, tmp)
         state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in official_state_dict(model).items()}
+                 for k, v in (official_keys(state) if state is not None else official_state_dict(model)).items()}
         save_weights(state, tmp)
         if extra:
             (tmp / "finetune.json").write_text(json.dumps(extra, indent=2, default=str))

@@ -17,8 +17,17 @@ is `latest` replaced (write + fsync + rename), so a crash or a full disk mid-wri
 checkpoint as the latest. Resuming restores the trainable weights, optimizer, scheduler, RNG states and
 the data position, so a resumed run reproduces the losses of an uninterrupted one.
 
-Multi-GPU: started by `accelerate launch` (WORLD_SIZE > 1) the loop uses accelerate's Accelerator, which
-wraps the loss module in DDP per the accelerate config (see configs/accelerate/; FSDP is refused).
+Several processes (WORLD_SIZE > 1, started by torchrun or `accelerate launch`):
+  * DDP (default): on GPU through accelerate's Accelerator (per the accelerate config), on CPU plain
+    torch DDP over gloo. Every process holds the whole model; rank 0 writes checkpoints from its copy.
+  * FSDP (`--fsdp`, full mode; also chosen when the accelerate config says FSDP): torch-native FSDP2
+    (`fully_shard` on every decoder block, every ViT block, then the root), over gloo on CPU or NCCL on GPU;
+    accelerate is only the launcher then. Checkpoints and the export are collective: every rank takes part in
+    gathering the full (unsharded) weights and optimizer state, rank 0 writes the same files as a single
+    process, so a run may be resumed with another number of processes or without FSDP, and the other way round;
+    resuming loads the full state on rank 0 and broadcasts it into the shards.
+Each rank's RNG state is saved too (rng.pt is rank 0's, rng-rank{R}.pt the others'), so resumed runs with
+text-only dropout reproduce the uninterrupted ones.
 """
 
 from __future__ import annotations
@@ -125,6 +134,7 @@ class Trainer:
         self.step = 0
         self.seq_pos = 0  # data position: sequences consumed (all ranks)
         self.stop_requested = False
+        self._stop_agreed = False
         self.accelerator = None
         self.world, self.rank = 1, 0
         self._metrics_file = None
@@ -136,19 +146,29 @@ class Trainer:
         torch.manual_seed(a.seed)
         random.seed(a.seed)
         np.random.seed(a.seed % 2**32)
-        self.ddp = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        self.ddp = self.fsdp = False
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        accel_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")  # accelerate config: FSDP
+        if multi and (a.fsdp or accel_fsdp):
+            if a.mode != "full":
+                raise TrainError(f"FSDP shards full fine-tunes only; this run has --mode {a.mode}. Use --mode full, "
+                                 "or launch with configs/accelerate/ddp.yaml (DDP) for LoRA / QLoRA.")
+            import torch.distributed as dist
+
+            cuda = torch.cuda.is_available() and (a.device or "cuda").startswith("cuda")
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo")
+            self.world, self.rank, self.fsdp = dist.get_world_size(), dist.get_rank(), True
+            self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        elif multi and torch.cuda.is_available():
             from accelerate import Accelerator
 
             self.accelerator = Accelerator()  # DDP, per the accelerate config
-            if "FSDP" in str(self.accelerator.distributed_type):
-                # Checkpoints are written by rank 0 from its own parameters; under FSDP those are shards,
-                # so a checkpoint would be incomplete. Refuse rather than write one.
-                raise TrainError("FSDP is not supported yet: checkpoints would hold only rank 0's shard. "
-                                 "Use configs/accelerate/ddp.yaml (DDP), or --mode qlora/lora to fit one GPU.")
             self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
             self.device = self.accelerator.device
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun): plain DDP over gloo
+        elif multi:  # CPU processes (torchrun): plain DDP over gloo
             import torch.distributed as dist
 
             if not dist.is_initialized():
@@ -169,7 +189,9 @@ class Trainer:
         else:
             dtype = torch.bfloat16 if self.autocast else torch.float32  # frozen base in bf16 on GPU
             quantize = "4bit" if a.mode == "qlora" else None
-        self.runner = load(a.model, device=self.device, dtype=dtype, quantize=quantize, max_crops=a.max_crops)
+        # FSDP on GPU: load on the CPU, fully_shard moves each unit's shard to the GPU (no full copy per GPU)
+        load_device = torch.device("cpu") if self.fsdp else self.device
+        self.runner = load(a.model, device=load_device, dtype=dtype, quantize=quantize, max_crops=a.max_crops)
         self.base_path = self.runner.path
         self.molmo = self.runner.model
         self.tokenizer = self.runner.tokenizer
@@ -195,6 +217,11 @@ class Trainer:
             self.log = lambda s: None
         self.log(f"model: {a.model} ({a.mode}) on {self.device}, {n_train / 1e6:.3g} M of {n_all / 1e6:.3g} M "
                  f"parameters trainable")
+        if a.fsdp and not self.fsdp:
+            self.log("--fsdp: one process, nothing to shard; training unsharded")
+        self.loss_module = LossModule(self.molmo, a.z_loss)
+        if self.fsdp:
+            self._shard()
 
         # data
         records, report = load_records(a.data, a.images_dir, a.max_caption_chars, a.seed)
@@ -216,8 +243,7 @@ class Trainer:
         per_step = a.batch_size * a.grad_accum * self.world
         self.max_steps = a.max_steps or max(1, math.ceil(a.epochs * len(train_records) / per_step))
 
-        # optimizer, schedule
-        self.loss_module = LossModule(self.molmo, a.z_loss)
+        # optimizer, schedule (after sharding: FSDP replaces the parameters by DTensor shards)
         groups = param_groups(self.molmo, a.component_lrs(), a.weight_decay)
         self.optimizer = make_optimizer(groups)
         self.warmups = a.component_warmups(self.max_steps)
@@ -227,12 +253,29 @@ class Trainer:
             self.model, self.optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
         elif self.ddp:
             self.model = torch.nn.parallel.DistributedDataParallel(self.loss_module)
+        # with FSDP, self.model is self.loss_module itself (fully_shard works in place)
         lrs = a.component_lrs()
         self.log(f"schedule: {self.max_steps} steps x {per_step} sequences; lr llm {lrs['llm']:.2e}, connector "
                  f"{lrs['connector']:.2e}, vit {lrs['vit']:.2e}; warmup {self.warmups}; cosine to "
                  f"{a.min_lr_ratio:.0%}")
         self._maybe_resume()
         return self
+
+    def _shard(self) -> None:
+        """FSDP2: one unit per decoder block and per ViT block, the rest (embeddings, connector, ln_f, head)
+        in the root unit on the loss module. Parameter names stay the same."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for block in self.molmo.transformer.blocks:
+            fully_shard(block, mesh=mesh)
+        for block in self.molmo.vision_backbone.image_vit.transformer.resblocks:  # unused ones stay sharded
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.loss_module, mesh=mesh)
+        self.log(f"fsdp: parameters, gradients and optimizer state sharded over {self.world} processes "
+                 f"({len(self.molmo.transformer.blocks)} decoder + "
+                 f"{len(self.molmo.vision_backbone.image_vit.transformer.resblocks)} ViT units + root)")
 
     def _print_args(self) -> None:
         if self.rank == 0:
@@ -279,7 +322,10 @@ class Trainer:
             batch = self._to_device(batch)
             self.dropout.set_mask(batch["loss_mask"] > 0)
             last = i == len(micro) - 1
-            if self.accelerator is not None and not last:
+            if self.fsdp:  # accumulate unsharded gradients locally, reduce-scatter after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+                sync = nullcontext()
+            elif self.accelerator is not None and not last:
                 sync = self.accelerator.no_sync(self.model)
             elif self.ddp and not last:
                 sync = self.model.no_sync()
@@ -302,7 +348,9 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.seq_pos += a.batch_size * a.grad_accum * self.world
-        (ce_global,) = self._all_reduce([ce_local])
+        # every rank stops at the same step when any was asked to (a signal may reach one process only)
+        ce_global, stops = self._all_reduce([ce_local, float(self.stop_requested)])
+        self._stop_agreed = stops > 0
         dt = time.perf_counter() - t0
         return {"step": self.step, "loss": ce_global / max(n_global, 1.0), "lr": lrs.get("llm", 0.0),
                 "lr_connector": lrs.get("connector", 0.0), "lr_vit": lrs.get("vit", 0.0),
@@ -317,14 +365,18 @@ class Trainer:
             return None
         self.model.eval()
         ce_sum = n_sum = 0.0
-        n = len(self.eval_stream)
-        for start in range(self.rank * self.args.batch_size, n, self.args.batch_size * self.world):
-            idx = range(start, min(n, start + self.args.batch_size))
+        n, bs = len(self.eval_stream), self.args.batch_size
+        starts = list(range(self.rank * bs, n, bs * self.world))
+        if self.fsdp:  # every rank must run as many forwards (each one all-gathers); extra ones are discarded
+            starts += [None] * (math.ceil(n / (bs * self.world)) - len(starts))
+        for start in starts:
+            idx = range(start, min(n, start + bs)) if start is not None else range(min(n, bs))
             batch = self._to_device(collate([self.eval_stream.example(i) for i in idx]))
             with self._autocast():
                 _, ce, k = self.loss_module(batch)
-            ce_sum += float(ce)
-            n_sum += k
+            if start is not None:
+                ce_sum += float(ce)
+                n_sum += k
         ce_sum, n_sum = self._all_reduce([ce_sum, n_sum])
         self.model.train()
         return ce_sum / max(n_sum, 1.0)
@@ -354,7 +406,7 @@ class Trainer:
                     self._log_step(m)
                 for cb in self.callbacks:
                     cb(self, m)
-                if self.stop_requested:
+                if self.stop_requested if self.world == 1 else self._stop_agreed:
                     self.log(f"stop requested: saving a checkpoint at step {self.step}")
                     result.stopped = True
                     self.save_checkpoint()
@@ -380,7 +432,7 @@ class Trainer:
         """setup() + fit() + export() (when args.export)."""
         self.setup()
         result = self.fit()
-        if self.args.export and self.rank == 0:
+        if self.args.export and (self.rank == 0 or self.fsdp):  # FSDP: every rank helps gather the weights
             result.final, result.adapter = self.export()
         return result
 
@@ -456,17 +508,88 @@ class Trainer:
         d = self.ckpt_root / p.read_text().strip()
         return d if (d / "state.json").is_file() else None
 
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """FSDP, collective: the full (unsharded) model state dict under our names on rank 0 (CPU), None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        return {k.removeprefix("molmo."): v for k, v in sd.items()}
+
+    def _opt_param_names(self) -> list[str]:
+        """Parameter name of each optimizer index (the integer keys of `optimizer.state_dict()`)."""
+        names = {id(p): n for n, p in self.molmo.named_parameters()}
+        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, full-size, on the CPU (FSDP: collective; ranks other than 0 get {})."""
+        if self.fsdp:
+            full = self._full_state()
+            if full is None:
+                return {}
+            return {n: full[n].contiguous() for n, p in self.molmo.named_parameters() if p.requires_grad}
         return {n: p.detach().to("cpu").contiguous() for n, p in self.molmo.named_parameters() if p.requires_grad}
 
+    def optimizer_state(self) -> dict | None:
+        """`optimizer.state_dict()` of an unsharded run (integer keys, full-size state); FSDP: collective, gathered
+        from the shards onto rank 0 (CPU), None elsewhere. The same file therefore resumes either way."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(self.loss_module, self.optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        full = osd["state"]
+        state = {i: full["molmo." + n] for i, n in enumerate(self._opt_param_names()) if "molmo." + n in full}
+        return {"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]}
+
+    def _rng_states(self) -> list[dict]:
+        """Every rank's RNG states (collective when distributed), in rank order."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        if self.world == 1:
+            return [rng]
+        rngs: list = [None] * self.world
+        torch.distributed.all_gather_object(rngs, rng)
+        return rngs
+
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoints/step-N atomically and point `latest` at it.
+        """Write checkpoints/step-N atomically and point `latest` at it (rank 0 writes; when distributed every
+        rank must call this: the RNG states, and with FSDP the weights and optimizer state, are gathered).
 
         Raises:
             TrainError: the disk is full or not writable; the previous checkpoint stays the latest.
         """
+        rngs = self._rng_states()
+        if not self.fsdp and self.rank != 0:
+            trainable = optim = None
+        else:
+            trainable, optim = self.trainable_state(), self.optimizer_state()
+        err: TrainError | None = None
+        final = None
+        if self.rank == 0:
+            try:
+                final = self._write_checkpoint(trainable, optim, rngs)
+            except TrainError as e:
+                err = e
+        if self.world > 1:  # every rank fails alike (rank 0 saw the full disk)
+            msg = [str(err) if err is not None else None]
+            torch.distributed.broadcast_object_list(msg, src=0)
+            if msg[0] is not None and err is None:
+                err = TrainError(msg[0])
+        if err is not None:
+            raise err
         if self.rank != 0:
             return None
+        self._prune()
+        self.log(f"checkpoint: {final}")
+        self.plot()
+        return final
+
+    def _write_checkpoint(self, trainable: dict, optim: dict, rngs: list[dict]) -> Path:
         root = self.ckpt_root
         root.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:07d}"
@@ -476,14 +599,14 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-            _save_tensors(self.trainable_state(), tmp / "trainable.safetensors")
-            _write_bytes(tmp / "optimizer.pt", _torch_bytes(self.optimizer.state_dict()))
+            _save_tensors(trainable, tmp / "trainable.safetensors")
+            _write_bytes(tmp / "optimizer.pt", _torch_bytes(optim))
             _write_bytes(tmp / "scheduler.pt", _torch_bytes(self.scheduler.state_dict()))
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-            _write_bytes(tmp / "rng.pt", _torch_bytes(rng))
+            _write_bytes(tmp / "rng.pt", _torch_bytes(rngs[0]))
+            for r, rng in enumerate(rngs[1:], start=1):
+                _write_bytes(tmp / f"rng-rank{r}.pt", _torch_bytes(rng))
             state = {"step": self.step, "seq_pos": self.seq_pos, "max_steps": self.max_steps,
-                     "args": self.args.to_dict(), "time": time.time()}
+                     "world": self.world, "fsdp": self.fsdp, "args": self.args.to_dict(), "time": time.time()}
             _write_bytes(tmp / "state.json", json.dumps(state, indent=2, default=str).encode())
             _fsync_dir(tmp)
             if final.exists():
@@ -507,9 +630,6 @@ class Trainer:
                                  f"Free disk space or use --out on a larger disk, then run again to resume; "
                                  f"{keep}.") from e
             raise TrainError(f"Could not write checkpoint {name} to {root}: {e}. {keep[0].upper() + keep[1:]}.") from e
-        self._prune()
-        self.log(f"checkpoint: {final}")
-        self.plot()
         return final
 
     def _prune(self) -> None:
@@ -526,9 +646,11 @@ class Trainer:
         if a.resume == "no" or latest is None:
             if a.resume == "yes":
                 raise TrainError(f"--resume yes but {self.ckpt_root} has no complete checkpoint.")
-            if a.resume == "no" and self.ckpt_root.exists():
+            if a.resume == "no" and self.rank == 0 and self.ckpt_root.exists():
                 shutil.rmtree(self.ckpt_root)
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            if self.world > 1:
+                torch.distributed.barrier()  # nobody looks at OUT before rank 0 has cleared it
             return
         from safetensors.torch import load_file
 
@@ -539,18 +661,26 @@ class Trainer:
                 raise TrainError(f"Cannot resume from {latest}: it was trained with {key}={saved.get(key)!r}, this "
                                  f"run has {key}={getattr(a, key)!r}. Use the same settings, another --out, or "
                                  "--resume no to start over.")
-        weights = load_file(str(latest / "trainable.safetensors"))
+        from safetensors import safe_open
+
+        with safe_open(str(latest / "trainable.safetensors"), "pt") as f:
+            saved_names = set(f.keys())
         params = dict(self.molmo.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        missing = [n for n, p in params.items() if p.requires_grad and n not in saved_names]
         if missing:
             raise TrainError(f"Checkpoint {latest} lacks {len(missing)} trainable tensors (e.g. {missing[:2]}).")
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(t.to(params[n].dtype))
-        self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=self.device,
-                                                  weights_only=False))
+        if self.fsdp:
+            self._load_sharded(latest)
+        else:
+            weights = load_file(str(latest / "trainable.safetensors"))
+            with torch.no_grad():
+                for n, t in weights.items():
+                    params[n].copy_(t.to(params[n].dtype))
+            self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=self.device,
+                                                      weights_only=False))
         self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
-        rng = torch.load(latest / "rng.pt", weights_only=False)
+        own = latest / f"rng-rank{self.rank}.pt"  # older checkpoints / fewer processes: rank 0's states
+        rng = torch.load(own if self.rank > 0 and own.is_file() else latest / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -559,15 +689,41 @@ class Trainer:
         self.step, self.seq_pos = state["step"], state["seq_pos"]
         self.log(f"resumed from {latest} at step {self.step}")
 
+    def _load_sharded(self, latest: Path) -> None:
+        """FSDP, collective: rank 0 reads the full weights and optimizer state, every rank keeps its shard."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        weights, optim = {}, {}
+        if self.rank == 0:
+            weights = {"molmo." + k: v for k, v in load_file(str(latest / "trainable.safetensors")).items()}
+            saved = torch.load(latest / "optimizer.pt", map_location="cpu", weights_only=False)
+            names = ["molmo." + n for n in self._opt_param_names()]
+            optim = {"state": {names[i]: st for i, st in saved["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_model_state_dict(self.loss_module, weights, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))  # frozen weights stay the base's
+        set_optimizer_state_dict(self.loss_module, self.optimizer, optim, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+
     # ------------------------------------------------------------------ export
     def export(self) -> tuple[Path, Path | None]:
-        """out/final in the official format (merged weights for LoRA), plus out/adapter for LoRA."""
+        """out/final in the official format (merged weights for LoRA), plus out/adapter for LoRA.
+        FSDP: every rank must call this (the weights are gathered); rank 0 writes, the others get (None, None)."""
         from .export import export_model, merged_from_adapter
         from .lora import save_adapter
 
         dtype = torch.float32 if self.args.export_dtype == "float32" else torch.bfloat16
         info = {"base": str(self.args.model), "mode": self.args.mode, "steps": self.step,
                 "max_crops": self.args.max_crops, "args": self.args.to_dict()}  # molmo_core.load reads max_crops
+        if self.args.mode == "full" and self.fsdp:  # collective: gather the full weights onto rank 0
+            state = self._full_state()
+            if self.rank != 0:
+                return None, None
+            final = export_model(None, self.base_path, self.out / "final", dtype, extra=info, state=state)
+            self.log(f"exported: {final}")
+            return final, None
         if self.args.mode == "full":
             final = export_model(self.molmo, self.base_path, self.out / "final", dtype, extra=info)
             self.log(f"exported: {final}")

@@ -106,6 +106,9 @@ class TrainArgs:
     """bf16 autocast on GPU (weights stay fp32 in full mode). Ignored on CPU."""
     device: str | None = None
     """cuda | cpu | cuda:N; default cuda when available."""
+    fsdp: bool = False
+    """Full mode, several processes (torchrun / accelerate launch): shard parameters, gradients and optimizer
+    state over the processes (torch FSDP2, one unit per decoder / ViT block) instead of replicating them (DDP)."""
     seed: int = 0
     log_every: int = 1
     eval_every: int = 100
@@ -152,6 +155,8 @@ class TrainArgs:
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (0 <= self.hint_prob <= 1, "hint_prob must be within 0..1"),
             (all(c in COMPONENTS for c in self.freeze), f"freeze takes {COMPONENTS}; got {self.freeze}"),
+            (not self.fsdp or self.mode == "full", "fsdp shards full fine-tunes only: use --mode full, or drop "
+                                                   "--fsdp (LoRA / QLoRA train with DDP)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -224,9 +229,12 @@ def clip_per_component(opt: torch.optim.Optimizer, max_norm: float) -> dict[str,
         if not params:
             continue
         if max_norm > 0:
-            norms[comp] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
-            norms[comp] = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # FSDP: sharded (DTensor) gradients give a DTensor norm
+            norm = norm.full_tensor()
+        norms[comp] = float(norm)
     return norms
 
 
