@@ -142,11 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TrainError, CheckpointError, MolmoInputError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _shutdown_distributed()
     summary = {"steps": result.steps, "last_loss": result.losses[-1] if result.losses else None,
                "final": str(result.final) if result.final else None, "stopped": result.stopped}
     if os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
         print("done: " + json.dumps(summary))
     return 130 if result.stopped else 0
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down explicitly: leaving it to interpreter exit can abort a worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
