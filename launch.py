@@ -123,8 +123,8 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
 
     demo = build_demo(service, default_tab="annotate" if annotate else None, annotate_dir=annotate,
                       notice=choice.notice)
-    # One generation runs at a time in the runner; the queue keeps the others waiting in order.
-    demo.queue(max_size=queue_size, default_concurrency_limit=4)
+    # Up to 8 handlers run at once: the runner groups their generations into one batch (molmo_core.serving).
+    demo.queue(max_size=queue_size, default_concurrency_limit=8)
     _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share, auth=credentials,
                                           prevent_thread_lock=True, css=CSS, show_error=False, quiet=True)
     _print_startup(service, choice, local_url, share_url)

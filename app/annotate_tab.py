@@ -302,7 +302,8 @@ def create_annotate_tab(
     c["progress"] = gr.Textbox(label="Progress", interactive=False, elem_id="annotate_progress")
     with gr.Row():
         with gr.Column(scale=3):
-            c["image"] = gr.Image(label="Image", type="filepath", interactive=False, elem_id="annotate_image")
+            c["image"] = gr.Image(label="Image", type="filepath", interactive=False, elem_id="annotate_image",
+                                  height=480)
             c["image_info"] = gr.Markdown("Enter your name and press **Next image**.", elem_id="annotate_image_info")
         with gr.Column(scale=2):
             gr.Markdown("#### Describe the image aloud\n" + "\n".join(
