@@ -88,6 +88,17 @@ class MolmoRunner:
             torch.cuda.empty_cache()
 
 
+def fits_one_gpu(config: MolmoConfig, dtype: torch.dtype, quantize: str | None, headroom: float = 0.85) -> bool:
+    """Whether the weights fit in GPU 0's free memory (with room for activations and the KV cache).
+    Splitting layers over GPUs only pays when they do not: the GPUs then work one after another."""
+    from .weights import build_meta_model
+
+    n = sum(p.numel() for p in build_meta_model(config).parameters())
+    per_param = {None: torch.finfo(dtype).bits / 8, "8bit": 1.1, "4bit": 0.6}[quantize]
+    free, _ = torch.cuda.mem_get_info(0)
+    return n * per_param < headroom * free
+
+
 def load(source: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, max_crops: int | None = None, progress: ProgressFn | None = None) -> MolmoRunner:
     """Load an official Molmo v1 checkpoint from a local folder or a hub id.
@@ -101,8 +112,9 @@ def load(source: str | Path, *, device: str | torch.device | None = None, dtype:
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     devices = None
-    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
-        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1 \
+            and not fits_one_gpu(MolmoConfig.from_pretrained_dir(path), dtype, quantize):
+        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]  # e.g. Molmo-72B
     try:
         tokenizer = MolmoTokenizer.from_dir(path)
     except (OSError, ValueError) as e:

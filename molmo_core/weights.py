@@ -1,9 +1,9 @@
 """Find a checkpoint (local folder or hub id), map the official keys, stream tensors to device and dtype.
 
 Loading never materialises the float32 checkpoint in host memory: the model is built on the `meta`
-device, and every tensor is read from its file on its own (plain reads, no mmap), converted to the target
-dtype, moved to its device and assigned, then the float32 copy is dropped. Peak host memory is about the
-target-dtype model (when loading to CPU) plus one float32 tensor.
+device, and every tensor is allocated in the target dtype on its device and filled from its file in
+16 MB chunks (plain reads for safetensors; pytorch_model.bin is memory-mapped). Peak host memory is about
+the target-dtype model (when loading to CPU) plus one chunk.
 
 Key mapping: the module tree mirrors the official names, so the table is nearly the identity.
 """

@@ -340,3 +340,12 @@ def test_download_progress_reaches_the_callback():
     bar.close()
     assert [f for f, _ in seen] == [0.25, 1.0]
     assert "allenai/Molmo-7B-D-0924" in seen[-1][1] and "4/4" in seen[-1][1]
+
+
+def test_layers_are_split_over_gpus_only_when_one_gpu_is_too_small(monkeypatch):
+    from molmo_core.api import fits_one_gpu
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (80 * 2**30, 80 * 2**30))  # one 80 GB card
+    assert fits_one_gpu(MolmoConfig.from_name("Molmo-7B-D-0924"), torch.bfloat16, None)
+    assert not fits_one_gpu(MolmoConfig.from_name("Molmo-72B-0924"), torch.bfloat16, None)  # ~147 GB in bf16
+    assert fits_one_gpu(MolmoConfig.from_name("Molmo-72B-0924"), torch.bfloat16, "4bit")
