@@ -110,6 +110,9 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
         credentials = [(user, password)]
     if share and not credentials:
         print("warning: --share without --auth makes the app public to anyone with the link", file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1") and not credentials:
+        print(f"warning: listening on {host} without --auth: anyone who can reach this machine can use the app",
+              file=sys.stderr)
 
     service = MolmoService()
     if model:
@@ -161,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="create a public share link (off by default)")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
     p.add_argument("--queue-size", type=int, default=64, help="max waiting requests (default 64)")
-    # Other verbs (wired by the lead): each takes over the command line.
+    # Other verbs: each takes over the command line.
     p.add_argument("--annotate", metavar="FOLDER", help="open on the Annotate tab with this project folder")
     p.add_argument("--finetune", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run the trainer: everything after --finetune goes to molmo_core.train.cli")
@@ -172,25 +175,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    print(f"launch.py: {vars(args)}", flush=True)
-    # --- hook: fine-tuning (the lead wires molmo_core.train) -------------------------------------
     if args.finetune is not None:
-        try:
-            from molmo_core.train.cli import main as train_main
-        except ImportError as e:
-            print(f"--finetune is not available: {e}", file=sys.stderr)
-            return 2
+        from molmo_core.train.cli import main as train_main
+
         return int(train_main(args.finetune) or 0)
-    # --- hook: PixMo-Cap export ------------------------------------------------------------------
     if args.export_pixmo_cap:
-        try:
-            from annotate.cli import main_export
-        except ImportError as e:
-            print(f"--export-pixmo-cap is not available: {e}", file=sys.stderr)
-            return 2
-        folder, out = args.export_pixmo_cap
-        return int(main_export(folder, out) or 0)
-    # --- default verb: serve the UI (--annotate opens the Annotate tab) ---------------------------
+        from annotate.cli import main_export
+
+        return int(main_export(*args.export_pixmo_cap) or 0)
+    if args.max_crops < 1:
+        print(f"--max-crops must be at least 1, got {args.max_crops}", file=sys.stderr)
+        return 2
+    # Default verb: serve the UI (--annotate opens the Annotate tab).
     main(model=args.model, quantize=args.quantize, max_crops=args.max_crops, host=args.host, port=args.port,
          share=args.share, auth=args.auth, queue_size=args.queue_size, annotate=args.annotate)
     return 0

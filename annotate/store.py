@@ -293,12 +293,16 @@ class Store:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # SQLite may have rolled back already (e.g. on SQLITE_FULL)
+                    con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             if _is_corruption(e):
                 raise self._corrupt(str(e)) from None
+            if isinstance(e, sqlite3.OperationalError):  # locked too long, disk full, read-only folder
+                raise StoreError(f"Nothing was saved: the annotation database {self.db_path} refused the write "
+                                 f"({e}). Check free disk space and write permission, then try again.") from None
             raise
         finally:
             con.close()

@@ -29,6 +29,8 @@ from annotate.caption import draft_caption
 from annotate.protocol import GUIDING_QUESTIONS, TimerRules, blocking, check_recording
 from annotate.store import AlreadyAnnotatedError, Store, StoreError, check_annotator
 
+from .handlers import user_errors
+
 CAPTION_MAX_NEW_TOKENS = 400
 
 _stores: dict[str, Store] = {}
@@ -56,6 +58,29 @@ def get_store(project_dir: str | None, annotations_per_image: int | None = None)
                 raise _error(str(e)) from None
             _stores[key] = store
     return store
+
+
+DISPLAY_MAX_SIDE = 1600
+DISPLAY_MAX_PIXELS = 200_000_000
+
+
+def _display_image(path: Path) -> tuple[Any, str]:
+    """The image as the annotator should see it (EXIF rotation applied, downscaled for the browser).
+
+    Returned as pixels, not a path, so a project folder anywhere on disk is shown (Gradio serves only
+    files under its allowed folders). -> (PIL image or None, problem text)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > DISPLAY_MAX_PIXELS:
+                return None, f"{path.name} is {im.width}x{im.height} pixels, too large to show; skip or flag it."
+            im.draft("RGB", (DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))  # JPEG: decode at a reduced scale
+            shown = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"{path.name} could not be opened ({e}); flag it as broken."
+    shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+    return shown, ""
 
 
 def new_session() -> dict[str, Any]:
@@ -88,8 +113,24 @@ class AnnotateHandlers:
     def _store(self, project: str | None) -> Store:
         return get_store(project, self.annotations_per_image)
 
+    def _current(self, session, annotator, project, verb: str) -> tuple[dict, str, Store]:
+        """The session's image, annotator and the store the image came from.
+
+        The image id only means something in the project it was drawn from: a project folder or name
+        edited since 'Next image' is refused instead of writing to another image."""
+        s = copy.deepcopy(session or new_session())
+        if s.get("image_id") is None or not s.get("project"):
+            raise _error(f"No image to {verb}: press 'Next image' first.")
+        who = _annotator(annotator)
+        typed = str(Path((project or "").strip()).expanduser().resolve()) if (project or "").strip() else None
+        if typed != s["project"] or who != s["annotator"]:
+            raise _error(f"Not done: the image was given to {s['annotator']} in {s['project']}, but the boxes now say "
+                         f"{who} in {typed or '(no folder)'}. Put them back, or press 'Next image' to start over.")
+        return s, who, get_store(s["project"], self.annotations_per_image)
+
     # -- queue ---------------------------------------------------------------------------------
 
+    @user_errors("getting the next image")
     def next_image(self, annotator, project, session):
         """-> session, image, image info, caption, audio, raw, transcript, check, status, progress."""
         who = _annotator(annotator)
@@ -110,7 +151,9 @@ class AnnotateHandlers:
             return (s, None, "No image.", "", None, "", "", "", (notes + " " + status).strip(), progress)
         s["image_id"] = task.image_id
         cap = store.caption(task.image_id)
-        image_value = str(task.abs_path) if task.abs_path else None
+        image_value, problem = _display_image(task.abs_path) if task.abs_path else (None, "")
+        if problem:
+            notes = (notes + " " + problem).strip()
         info = (f"**{task.display_name}** (image {task.image_id}; {task.done} of {task.needed} "
                 f"annotation{'s' if task.needed != 1 else ''} so far)")
         if task.abs_path is None and task.url:
@@ -118,23 +161,19 @@ class AnnotateHandlers:
         status = (notes + " " if notes else "") + f"Describe the image aloud. {self.rules.guidance()}"
         return (s, image_value, info, cap["caption"] if cap else "", None, "", "", "", status, progress)
 
+    @user_errors("skipping the image")
     def skip(self, annotator, project, session):
-        s = session or new_session()
-        if s.get("image_id") is None:
-            raise _error("No image to skip: press 'Next image' first.")
-        store = self._store(project)
-        store.skip(s["image_id"], _annotator(annotator))
+        s, who, store = self._current(session, annotator, project, "skip")
+        store.skip(s["image_id"], who)
         out = self.next_image(annotator, project, s)
         return out[:8] + (f"Skipped image {s['image_id']}. " + out[8], out[9])
 
+    @user_errors("flagging the image")
     def flag(self, annotator, project, reason, session):
-        s = session or new_session()
-        if s.get("image_id") is None:
-            raise _error("No image to flag: press 'Next image' first.")
+        s, who, store = self._current(session, annotator, project, "flag")
         if not (reason or "").strip():
             raise _error("Say why the image is bad (broken, offensive, duplicate, unreadable ...) in the flag reason box.")
-        store = self._store(project)
-        store.flag(s["image_id"], _annotator(annotator), reason)
+        store.flag(s["image_id"], who, reason)
         out = self.next_image(annotator, project, s)
         return out[:8] + (f"Flagged image {s['image_id']} ({reason.strip()}). " + out[8], out[9])
 
@@ -173,6 +212,7 @@ class AnnotateHandlers:
     def timer_stop(self, audio_path):
         return None, gr.Timer(active=False), self.check(audio_path)
 
+    @user_errors("recording from the local microphone")
     def record_local(self, device_label, seconds):
         if not device_label:
             raise _error("Pick a local input device first.")
@@ -187,6 +227,7 @@ class AnnotateHandlers:
 
     # -- transcription, caption, save ----------------------------------------------------------
 
+    @user_errors("transcribing")
     def transcribe(self, audio_path, session):
         """-> session, raw ASR, transcript, segments, status."""
         s = copy.deepcopy(session or new_session())
@@ -205,12 +246,13 @@ class AnnotateHandlers:
             status += " No speech was recognised."
         return s, result.text, result.text, result.segments_as_dicts(), status
 
+    @user_errors("drafting the caption")
     def draft(self, transcript, project, session):
         """-> session, caption, status."""
         s = copy.deepcopy(session or new_session())
         texts: list[str] = []
-        if s.get("image_id") is not None and project:
-            texts = self._store(project).transcripts(s["image_id"])
+        if s.get("image_id") is not None and s.get("project"):
+            texts = get_store(s["project"], self.annotations_per_image).transcripts(s["image_id"])
         if (transcript or "").strip():
             texts.append(transcript)
         runner = self.get_runner() if self.get_runner else None
@@ -225,21 +267,24 @@ class AnnotateHandlers:
         s["caption_model"] = getattr(runner, "name", None)
         return s, result.text, result.status
 
+    @user_errors("saving the annotation")
     def save(self, annotator, project, audio_path, transcript, caption, session):
         """-> session, status, progress."""
-        s = copy.deepcopy(session or new_session())
-        who = _annotator(annotator)
-        if s.get("image_id") is None:
-            raise _error("No image: press 'Next image' first.")
-        store = self._store(project)
+        s, who, store = self._current(session, annotator, project, "save")
         audio = self._decode(audio_path)
         problems = blocking(check_recording(audio.samples, audio.sample_rate, self.rules))
         if problems:
             raise _error("Not saved. " + " ".join(str(w) for w in problems))
         if not (transcript or "").strip():
             raise _error("Not saved: the transcript is empty. Press 'Transcribe' (or type what you said) first.")
+        if s.get("asr_audio") and s["asr_audio"] != str(audio_path) and transcript.strip() == s.get("raw", "").strip():
+            raise _error("Not saved: the transcript is the one of an earlier recording. Press 'Transcribe' for this "
+                         "recording (or edit the transcript to match it).")
         raw = s.get("raw", "") if s.get("asr_audio") == str(audio_path) else ""
         cap = (caption or "").strip() or None
+        stored = store.caption(s["image_id"])
+        if cap and stored and cap == stored["caption"]:
+            cap = None  # shown as it is stored: keep its author and source
         draft = s.get("caption_draft")
         source = "manual" if not draft else ("model" if cap == draft else "model+edited")
         try:
@@ -255,10 +300,11 @@ class AnnotateHandlers:
             raise _error(f"Not saved: could not write the audio receipt ({e}). Free some disk space and save again.") from None
         status = (f"Saved annotation {rec.id} for image {rec.image_id}: {rec.duration:.1f} s of audio "
                   f"kept as {rec.audio_path} (sha256 {rec.audio_sha256[:12]}...)"
-                  + ("" if cap else "; no caption yet") + ". Press 'Next image' to continue.")
+                  + ("" if cap or stored else "; no caption yet") + ". Press 'Next image' to continue.")
         s["image_id"] = None
         return s, status, store.progress().summary(who)
 
+    @user_errors("reading the progress")
     def progress(self, annotator, project):
         store = self._store(project)
         name = (annotator or "").strip() or None

@@ -19,21 +19,18 @@ from typing import Any, Callable, Iterator, Sequence
 import gradio as gr
 from PIL import Image
 
-from molmo_core.errors import CheckpointError, MolmoInputError
+from molmo_core.errors import CheckpointError, ModelUnloadedError, MolmoInputError
 from molmo_core.outputs import Point, parse_points, strip_tags
 
+from .render import draw_clock_face, draw_count_badge, draw_points
 from .service import MolmoService, NoModelError, ServiceBusyError, prepare_image
 
 log = logging.getLogger("molmo_studio")
 
-USER_ERRORS = (MolmoInputError, NoModelError, ServiceBusyError, CheckpointError, ValueError, TypeError)
+USER_ERRORS = (MolmoInputError, ModelUnloadedError, NoModelError, ServiceBusyError, CheckpointError, ValueError, TypeError)
 POINT_TABLE_HEADERS = ["#", "label", "x (px)", "y (px)"]
 QUANTIZE_LABELS = {"none (bf16 on GPU, fp32 on CPU)": None, "8bit": "8bit", "4bit": "4bit"}
 
-try:  # the overlay module (app/render.py); a minimal fallback keeps the app usable without it
-    from .render import draw_clock_face, draw_count_badge, draw_points
-except ImportError:  # pragma: no cover - only while render.py is being written
-    draw_clock_face = draw_count_badge = draw_points = None  # type: ignore[assignment]
 
 
 def _error(message: str) -> gr.Error:
@@ -106,8 +103,8 @@ def write_json(result: dict, stem: str) -> str:
 def overlay(image: Any, points: Sequence[Point], count: int | None) -> Image.Image:
     """Numbered markers per label plus a count badge, on the image as the user gave it."""
     base = Image.fromarray(prepare_image(image))
-    out = draw_points(base, points) if draw_points else base
-    if count is not None and draw_count_badge:
+    out = draw_points(base, points)
+    if count is not None:
         out = draw_count_badge(out, count)
     return out
 
@@ -194,9 +191,7 @@ class Handlers:
         """Parsed time -> the time shown large and an analog face drawn from it."""
         if not result or result.get("time") is None:
             return "# --:--\nThe answer contains no valid time (H:MM or H:MM:SS).", None
-        face = None
-        if draw_clock_face:
-            face = draw_clock_face(result["hour"], result["minute"], result.get("second"), size=320)
+        face = draw_clock_face(result["hour"], result["minute"], result.get("second"), size=320)
         return f"# {result['time']}", face
 
     # ------------------------------------------------------------------ caption

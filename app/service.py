@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 import molmo_core
 from molmo_core.errors import CheckpointError, MolmoInputError
 from molmo_core.outputs import ClockTime, Point, parse_clock, parse_count, parse_points
-from molmo_core.preprocessing import MAX_IMAGE_PIXELS
+from molmo_core.preprocessing import MAX_IMAGE_PIXELS, check_pixels, open_image
 from molmo_core import prompts
 
 ProgressFn = Callable[[float, str], None]
@@ -210,31 +210,17 @@ def prepare_image(image: Any, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
             raise MolmoInputError(f"Image file not found: {path}")
         if path.stat().st_size == 0:
             raise MolmoInputError(f"The image file {path.name} is empty (0 bytes); upload a JPEG or PNG.")
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, clearer message
-        try:
-            pil = Image.open(path)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise MolmoInputError(f"{path.name} is not a readable image ({type(e).__name__}); "
-                                  "upload a JPEG, PNG, WebP or GIF file.") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
-        _check_pixels(*pil.size, max_pixels)
-        try:
-            pil.load()
-        except (OSError, ValueError, SyntaxError) as e:
-            raise MolmoInputError(f"{path.name} could not be decoded ({e}); it may be truncated or corrupt. "
-                                  "Upload a valid JPEG or PNG.") from None
-        image = pil
+        image = open_image(path, path.name, max_pixels)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise MolmoInputError(f"Image arrays must be uint8 HxW, HxWx3 or HxWx4; got {image.dtype} "
                                   f"{image.shape}.")
-        _check_pixels(image.shape[1], image.shape[0], max_pixels)
+        check_pixels(image.shape[1], image.shape[0], max_pixels)
         image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if not isinstance(image, Image.Image):
         raise MolmoInputError(f"Unsupported image input of type {type(image).__name__}; "
                               "expected a PIL image, a uint8 array or a file path.")
-    _check_pixels(*image.size, max_pixels)
+    check_pixels(*image.size, max_pixels)
     try:
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -247,13 +233,6 @@ def prepare_image(image: Any, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise MolmoInputError(f"The image has size {rgb.shape[1]}x{rgb.shape[0]}; expected at least 1x1.")
     return np.ascontiguousarray(rgb)
-
-
-def _check_pixels(w: int, h: int, max_pixels: int) -> None:
-    if w * h > max_pixels:
-        raise MolmoInputError(
-            f"The image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f} "
-            "megapixels. Downscale it first (Molmo sees at most ~1.5 megapixels anyway).")
 
 
 def _prompt(builder: Callable[..., str], *args: Any, **kwargs: Any) -> str:

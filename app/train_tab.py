@@ -21,6 +21,8 @@ from molmo_core.train.cli import start_background, stop_background
 from molmo_core.train.plot import read_metrics
 from molmo_core.train.recipe import TrainArgs
 
+from .handlers import user_errors
+
 _procs: dict[str, subprocess.Popen] = {}
 _lock = threading.Lock()
 LOG_TAIL_CHARS = 6000
@@ -38,6 +40,7 @@ def default_out_dir() -> str:
     return str(Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S"))
 
 
+@user_errors("starting the run")
 def start_run(get_model_source: Callable[[], str | None], base_model: str, data: str, images_dir: str, out: str,
               mode: str, max_steps: float | None, lr: float | None, batch_size: float, grad_accum: float,
               max_crops: float, lora_rank: float, lora_connector: bool, eval_fraction: float) -> tuple[str, str]:
@@ -49,8 +52,13 @@ def start_run(get_model_source: Callable[[], str | None], base_model: str, data:
     if not sources:
         raise _error("Enter the training data: a PixMo-Cap parquet, a JSONL of {image, caption, transcripts}, "
                      "a folder of those, or clocks:N.")
-    out = (out or "").strip() or default_out_dir()
-    args = TrainArgs(model=model, data=sources, out=out, images_dir=(images_dir or "").strip() or None, mode=mode,
+    # Absolute paths: the run's log and status name exactly what was used, whatever the run's cwd.
+    sources = [str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p for p in sources]
+    out = str(Path((out or "").strip() or default_out_dir()).expanduser().resolve())
+    images_dir = str(Path(images_dir.strip()).expanduser().resolve()) if (images_dir or "").strip() else None
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    args = TrainArgs(model=model, data=sources, out=out, images_dir=images_dir, mode=mode,
                      max_steps=int(max_steps) if max_steps else None, lr=float(lr) if lr else None,
                      batch_size=int(batch_size), grad_accum=int(grad_accum), max_crops=int(max_crops),
                      lora_rank=int(lora_rank), lora_connector=bool(lora_connector),
@@ -59,7 +67,7 @@ def start_run(get_model_source: Callable[[], str | None], base_model: str, data:
         args.validate()
     except ValueError as e:
         raise _error(str(e)) from None
-    key = str(Path(out).expanduser().resolve())
+    key = out
     with _lock:
         running = _procs.get(key)
         if running is not None and running.poll() is None:
@@ -68,6 +76,7 @@ def start_run(get_model_source: Callable[[], str | None], base_model: str, data:
     return key, f"Started: {mode} fine-tune of {model} -> {out} (pid {_procs[key].pid})."
 
 
+@user_errors("stopping the run")
 def stop_run(run_dir: str | None) -> str:
     if not run_dir:
         return "No run started in this session."
@@ -78,6 +87,7 @@ def stop_run(run_dir: str | None) -> str:
     return f"Stopped (exit code {code}); a checkpoint was saved, start again with the same folder to resume."
 
 
+@user_errors("reading the run's progress")
 def poll_run(run_dir: str | None) -> tuple[str, str, pd.DataFrame]:
     """(status, log tail, loss table with columns step, loss, series) for the run folder."""
     empty = pd.DataFrame({"step": [], "loss": [], "series": []})
@@ -104,6 +114,12 @@ def poll_run(run_dir: str | None) -> tuple[str, str, pd.DataFrame]:
     return status, tail, df
 
 
+def is_running(run_dir: str | None) -> bool:
+    proc = _procs.get(run_dir) if run_dir else None
+    return proc is not None and proc.poll() is None
+
+
+@user_errors("loading the result")
 def load_result(run_dir: str | None, on_load_result: Callable[[str], None]) -> str:
     if not run_dir:
         raise _error("Start (or pick) a run first.")
@@ -150,17 +166,20 @@ def create_train_tab(get_model_source: Callable[[], str | None],
     c["plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=300)
     c["log"] = gr.Textbox(label="Log", lines=12, max_lines=12, autoscroll=True)
     c["run_dir"] = run_dir
-    timer = gr.Timer(2.0)
+    timer = gr.Timer(2.0, active=False)  # polls only while a run of this session is running
 
     def _start(*values):
-        return start_run(get_model_source, *values)
+        return *start_run(get_model_source, *values), gr.Timer(active=True)
+
+    def _poll(run_dir_value):
+        return *poll_run(run_dir_value), gr.Timer(active=is_running(run_dir_value))
 
     start_inputs = [c[k] for k in ("base_model", "data", "images_dir", "out", "mode", "max_steps", "lr", "batch_size",
                                    "grad_accum", "max_crops", "lora_rank", "lora_connector", "eval_fraction")]
-    c["start"].click(_start, start_inputs, [run_dir, c["status"]], api_name="train_start")
+    c["start"].click(_start, start_inputs, [run_dir, c["status"], timer], api_name="train_start")
     c["stop"].click(stop_run, [run_dir], [c["status"]], api_name="train_stop")
     poll_outputs = [c["status"], c["log"], c["plot"]]
     c["refresh"].click(poll_run, [run_dir], poll_outputs, api_name="train_refresh")
-    timer.tick(poll_run, [run_dir], poll_outputs, api_name="train_poll", show_progress="hidden")
+    timer.tick(_poll, [run_dir], poll_outputs + [timer], api_name="train_poll", show_progress="hidden")
     c["load"].click(lambda d: load_result(d, on_load_result), [run_dir], [c["status"]], api_name="train_load")
     return c

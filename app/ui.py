@@ -16,8 +16,10 @@ from typing import Any
 import gradio as gr
 from molmo_core.prompts import DEFAULT_CAPTION_LENGTH_HINT
 
+from .annotate_tab import create_annotate_tab
 from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
 from .service import MolmoService
+from .train_tab import create_train_tab
 
 log = logging.getLogger("molmo_studio")
 
@@ -242,42 +244,22 @@ def _caption_tab(h: Handlers, examples: list[list[str]]) -> None:
     run.click(h.caption, [image, style, hint, chat_format], [answer, result], api_name="caption")
 
 
-def _optional_tabs(service: MolmoService, annotate_dir: str | None) -> None:
-    try:
-        from .annotate_tab import create_annotate_tab
-    except ImportError as e:
-        log.info("Annotate tab not available: %s", e)
-    else:
-        with gr.Tab("Annotate", id="annotate"):
-            create_annotate_tab(annotate_dir, service.get_runner)
-    try:
-        from .train_tab import create_train_tab  # type: ignore[import-not-found]
-    except ImportError as e:
-        log.info("Train tab not available: %s", e)
-    else:
-        with gr.Tab("Train", id="train"):
-            _create_train_tab(create_train_tab, service)
+def _annotate_and_train_tabs(service: MolmoService, annotate_dir: str | None) -> None:
+    with gr.Tab("Annotate", id="annotate"):
+        create_annotate_tab(annotate_dir, service.get_runner)
+    with gr.Tab("Train", id="train"):
+        create_train_tab(lambda: _model_source(service), lambda path: _load_result(service, path))
+
+
+def _load_result(service: MolmoService, path: str) -> None:
+    """Load a fine-tuned model with the precision and crops the current one was loaded with."""
+    st = service.status()
+    service.load(path, st.quantization if st.loaded else None, st.max_crops or 12)
 
 
 def _model_source(service: MolmoService) -> str | None:
     st = service.status()
     return st.load.source if st.loaded or st.load.phase == "loading" else None
-
-
-def _create_train_tab(create_train_tab: Any, service: MolmoService) -> None:
-    """Adapter over the Train tab's factory: `(get_model_source, on_load_result)` (current) or
-    `(get_service)` (the original brief)."""
-    import inspect
-
-    n_required = sum(1 for p in inspect.signature(create_train_tab).parameters.values()
-                     if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-    if n_required >= 2:
-        def load_result(path: str) -> None:
-            service.load(path, None, service.status().max_crops or 12)
-
-        create_train_tab(lambda: _model_source(service), load_result)
-    else:
-        create_train_tab(lambda: service)
 
 
 def build_demo(service: MolmoService, *, default_tab: str | None = None, annotate_dir: str | None = None,
@@ -312,6 +294,6 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
                 _ask_tab(h, point_examples)
             with gr.Tab("Caption", id="caption"):
                 _caption_tab(h, point_examples)
-            _optional_tabs(service, annotate_dir)
+            _annotate_and_train_tabs(service, annotate_dir)
         demo.load(h.page_load, None, model_outputs, api_name="page_load", api_visibility="undocumented", queue=False)
     return demo

@@ -7,3 +7,7 @@ class MolmoInputError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, downloaded or loaded."""
+
+
+class ModelUnloadedError(RuntimeError):
+    """The model was unloaded (or replaced) before or while a request was served."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -59,14 +60,14 @@ def load_image(image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         if size > MAX_FILE_BYTES:
             raise MolmoInputError(f"The image file {path.name} is {size / 2**20:.0f} MB; the limit is "
                                   f"{MAX_FILE_BYTES // 2**20} MB. Resize it first.")
-        image = _open_pil(path, path.name, max_pixels)
+        image = open_image(path, path.name, max_pixels)
     elif isinstance(image, (bytes, bytearray)):
         if len(image) == 0:
             raise MolmoInputError("The image is empty (0 bytes); upload a JPEG or PNG.")
-        image = _open_pil(io.BytesIO(image), "upload", max_pixels)
+        image = open_image(io.BytesIO(image), "upload", max_pixels)
     if isinstance(image, Image.Image):
         w, h = image.size
-        _check_pixels(w, h, max_pixels)
+        check_pixels(w, h, max_pixels)
         if w < 1 or h < 1:
             raise MolmoInputError(f"The image has size {w}x{h}; expected at least 1x1 pixels.")
         try:
@@ -84,35 +85,42 @@ def load_image(image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise MolmoInputError(f"Image arrays must be HxW, HxWx3 or HxWx4; got shape {image.shape}.")
-        _check_pixels(image.shape[1], image.shape[0], max_pixels)
+        check_pixels(image.shape[1], image.shape[0], max_pixels)
         return np.ascontiguousarray(image[:, :, :3])
     raise MolmoInputError(f"Unsupported image input of type {type(image).__name__}; "
                           "expected a PIL image, a uint8 array or a file path.")
 
 
-def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+def check_pixels(w: int, h: int, max_pixels: int) -> None:
     if w * h > max_pixels:
         raise MolmoInputError(
             f"The image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f} "
             "megapixels. Downscale it first (Molmo sees at most ~1.5 megapixels anyway).")
 
 
-def _open_pil(fp, name: str, max_pixels: int) -> Image.Image:
+def open_image(fp, name: str, max_pixels: int) -> Image.Image:
+    """Open and decode an image file, checking its header's size against `max_pixels` before decoding.
+
+    Raises:
+        MolmoInputError: not an image, truncated or corrupt, or over the pixel limit.
+    """
     try:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit below, with a clearer message
-        try:
-            img = Image.open(fp)
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
-        w, h = img.size  # header only: nothing decoded yet
-        _check_pixels(w, h, max_pixels)
-        img.load()
-        return img
-    except MolmoInputError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        img = Image.open(fp)
+    except Image.DecompressionBombError as e:  # PIL's own guard (over 2x its limit) fires inside open()
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "too large for PIL to open"
+        raise MolmoInputError(f"{name} is {size}; the limit is {max_pixels / 1e6:.0f} megapixels. "
+                              "Downscale it first (Molmo sees at most ~1.5 megapixels anyway).") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise MolmoInputError(f"{name} is not a readable image ({type(e).__name__}: {e}); "
-                              "upload a JPEG, PNG, WebP or GIF file.") from e
+                              "upload a JPEG, PNG, WebP or GIF file.") from None
+    check_pixels(*img.size, max_pixels)  # header only: nothing decoded yet
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise MolmoInputError(f"{name} could not be decoded ({e}); it may be truncated or corrupt. "
+                              "Upload a valid JPEG or PNG.") from None
+    return img
 
 
 # ----------------------------------------------------------------------------------------- geometry

@@ -16,6 +16,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .errors import ModelUnloadedError
 from .generation import GenerationOptions, TextStreamer, collate, generate_tokens, image_token_ids
 from .model import Molmo
 from .preprocessing import MolmoTokenizer, ProcessedInput
@@ -55,7 +56,7 @@ class BatchScheduler:
     def submit(self, inputs: ProcessedInput, opts: GenerationOptions) -> Iterator[str]:
         """Text deltas of one answer, produced by the worker; exceptions are re-raised here."""
         if self._closed:
-            raise RuntimeError("The model was unloaded; load a model again.")
+            raise ModelUnloadedError("The model was unloaded; load a model again.")
         self._ensure_worker()
         req = _Request(inputs, opts)
         self.pending.put(req)  # enqueued now, not at the first next(): callers can start several at once
@@ -128,7 +129,7 @@ class BatchScheduler:
                                      eos_id=eos, suppress=image_token_ids(self.tokenizer), compile=self.compile)
             for tok in tokens:
                 if self._closed:
-                    raise RuntimeError("The model was unloaded while this answer was being generated.")
+                    raise ModelUnloadedError("The model was unloaded (or replaced) while this answer was being generated; ask again.")
                 for b, t in enumerate(tok.tolist()):
                     if finished[b]:
                         continue

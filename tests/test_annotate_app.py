@@ -183,3 +183,39 @@ def test_server_killed_mid_save_keeps_store_consistent(tmp_path, stage):
     assert t is not None
     s.save_annotation(t.image_id, "alice", decode_audio(speech), "raw", "redo")
     assert len(s.annotations()) == 2 and s.verify() == []
+
+
+def test_changed_folder_name_or_recording_is_refused(served, tmp_path):
+    """Save / skip act on the image the session was given, never on another project's image of the same id."""
+    client, project = served
+    other = tmp_path / "other"
+    make_images(other, 2)
+    speech = espeak_wav(SPEECH_TEXT, tmp_path / "speech.wav")
+    client.predict("alice", str(project), api_name="/annotate_next")
+    with pytest.raises(AppError, match="the image was given to alice in"):
+        client.predict("alice", str(other), handle_file(str(speech)), "words", "", api_name="/annotate_save")
+    with pytest.raises(AppError, match="the image was given to alice in"):
+        client.predict("bob", str(project), api_name="/annotate_skip")
+    # A new recording with the unedited transcript of the previous one.
+    raw = client.predict(handle_file(str(speech)), api_name="/annotate_transcribe")[0]
+    tone = _wav(tmp_path / "tone.wav", 5, 0.3)
+    with pytest.raises(AppError, match="transcript is the one of an earlier recording"):
+        client.predict("alice", str(project), handle_file(tone), raw, "", api_name="/annotate_save")
+    assert Store(other, sync=False).annotations() == [] and Store(project, sync=False).annotations() == []
+    status, _ = client.predict("alice", str(project), handle_file(str(speech)), raw, "", api_name="/annotate_save")
+    assert status.startswith("Saved annotation 1 for image 1")
+
+
+def test_display_image_applies_exif_and_downscales(tmp_path):
+    from PIL import Image
+
+    from app.annotate_tab import DISPLAY_MAX_SIDE, _display_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored landscape, shown portrait
+    Image.new("RGB", (4000, 1000), "red").save(tmp_path / "rot.jpg", exif=exif)
+    shown, problem = _display_image(tmp_path / "rot.jpg")
+    assert problem == "" and shown.size == (DISPLAY_MAX_SIDE // 4, DISPLAY_MAX_SIDE)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    shown, problem = _display_image(tmp_path / "bad.png")
+    assert shown is None and "could not be opened" in problem

@@ -305,24 +305,31 @@ def test_full_disk_leaves_previous_checkpoint_as_latest(ckpt, dataset, tmp_path,
     out = tmp_path / "run"
     t = Trainer(small_args(ckpt, dataset, out, max_steps=4, save_every=2, export=False), log=quiet)
     t.setup()
-    real = train_loop._write_bytes
-    calls = {"n": 0}
+    real = train_loop._save_torch
 
-    def full_disk(path, data):
-        if t.step >= 4 and path.name == "optimizer.pt":  # the second checkpoint, half-way through
+    def full_disk(obj, path):
+        if t.step >= 4 and path.name == "optimizer.pt":  # the second checkpoint, half-way through a file
+            path.write_bytes(b"\0" * 1000)
             raise OSError(errno.ENOSPC, "No space left on device")
-        calls["n"] += 1
-        return real(path, data)
+        return real(obj, path)
 
-    monkeypatch.setattr(train_loop, "_write_bytes", full_disk)
+    monkeypatch.setattr(train_loop, "_save_torch", full_disk)
     with pytest.raises(TrainError, match="No space left on the device.*still step-0000002"):
         t.fit()
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-0000002"
     assert not list(root.glob(".tmp-*")) and not (root / "step-0000004").exists()
-    monkeypatch.setattr(train_loop, "_write_bytes", real)
+    monkeypatch.setattr(train_loop, "_save_torch", real)
+    # What a SIGKILL mid-write leaves: a temporary folder and a half-written metrics line.
+    (root / ".tmp-step-0000006-99999").mkdir()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
     resumed = Trainer(small_args(ckpt, dataset, out, max_steps=4, save_every=2, export=False), log=quiet).setup()
     assert resumed.step == 2  # the latest checkpoint is complete and loads
+    assert not list(root.glob(".tmp-*"))
+    resumed.fit()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines if "loss" in json.loads(ln)] == [1, 2, 3, 4]
 
 
 def test_bad_args_are_clear(ckpt, dataset, tmp_path):

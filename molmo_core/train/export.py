@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..tiny import official_state_dict
-from ..weights import resolve_checkpoint, weight_files
+from ..weights import resolve_checkpoint
 
 SHARD_BYTES = 5 * 1024**3
 COPY_SUFFIXES = (".json", ".txt", ".model", ".py", ".md", ".jinja")
@@ -126,11 +126,3 @@ def merged_from_adapter(base: str | Path, adapter: str | Path, dtype: torch.dtyp
     model = load_model(resolve_checkpoint(str(base)), device=device, dtype=dtype)
     load_adapter(model, adapter)
     return merge_lora_(model)
-
-
-def has_weights(path: Path) -> bool:
-    try:
-        weight_files(path)
-        return True
-    except Exception:
-        return False

@@ -5,7 +5,7 @@
 
 Files under `args.out`:
     metrics.jsonl              one JSON object per logged step: step, loss, lr, lr_connector, lr_vit,
-                               tokens_per_s, grad_norm_*, elapsed_s, eta_s; eval lines add eval_loss
+                               tokens_per_s, loss_tokens, grad_norm_*, elapsed_s, eta_s; eval lines add eval_loss
     loss.png                   the loss curve (PIL drawing; refreshed at every eval and checkpoint)
     checkpoints/step-NNNNNNN/  trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
     checkpoints/latest         the name of the newest *complete* checkpoint (updated last, atomically)
@@ -33,14 +33,12 @@ text-only dropout reproduce the uninterrupted ones.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import math
 import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -96,6 +94,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -104,15 +107,26 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save
+    """Written straight to the file (no second copy of the weights in host memory), then fsynced."""
+    from safetensors.torch import save_file
 
-    _write_bytes(path, save(state, metadata={"format": "pt"}))
+    save_file(state, str(path), metadata={"format": "pt"})
+    _fsync_file(path)
 
 
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def _save_torch(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _metrics_step(line: str) -> float:
+    """The step of one metrics.jsonl line; inf (dropped) for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -454,8 +468,8 @@ class Trainer:
         if self.rank != 0:
             return
         path = self.out / "metrics.jsonl"
-        if path.exists():  # drop lines written after the checkpoint we resumed from
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+        if path.exists():  # drop lines written after the checkpoint we resumed from, and a half-written last one
+            kept = [ln for ln in path.read_text(errors="replace").splitlines() if _metrics_step(ln) <= self.step]
             path.write_text("".join(ln + "\n" for ln in kept))
         self._metrics_file = open(path, "a", encoding="utf-8")
 
@@ -575,6 +589,8 @@ class Trainer:
                 final = self._write_checkpoint(trainable, optim, rngs)
             except TrainError as e:
                 err = e
+            except Exception as e:  # noqa: BLE001 -- other ranks wait on the broadcast below: tell them, never hang
+                err = TrainError(f"Could not write checkpoint step-{self.step:07d}: {type(e).__name__}: {e}")
         if self.world > 1:  # every rank fails alike (rank 0 saw the full disk)
             msg = [str(err) if err is not None else None]
             torch.distributed.broadcast_object_list(msg, src=0)
@@ -600,11 +616,11 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
             _save_tensors(trainable, tmp / "trainable.safetensors")
-            _write_bytes(tmp / "optimizer.pt", _torch_bytes(optim))
-            _write_bytes(tmp / "scheduler.pt", _torch_bytes(self.scheduler.state_dict()))
-            _write_bytes(tmp / "rng.pt", _torch_bytes(rngs[0]))
+            _save_torch(optim, tmp / "optimizer.pt")
+            _save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            _save_torch(rngs[0], tmp / "rng.pt")
             for r, rng in enumerate(rngs[1:], start=1):
-                _write_bytes(tmp / f"rng-rank{r}.pt", _torch_bytes(rng))
+                _save_torch(rng, tmp / f"rng-rank{r}.pt")
             state = {"step": self.step, "seq_pos": self.seq_pos, "max_steps": self.max_steps,
                      "world": self.world, "fsdp": self.fsdp, "args": self.args.to_dict(), "time": time.time()}
             _write_bytes(tmp / "state.json", json.dumps(state, indent=2, default=str).encode())
@@ -642,6 +658,11 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         a = self.args
+        if self.rank == 0 and self.ckpt_root.is_dir():  # folders a killed run left mid-write are never resumed
+            for p in self.ckpt_root.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+            for p in self.ckpt_root.glob(f".{LATEST}.tmp-*"):
+                p.unlink(missing_ok=True)
         latest = self._latest_dir()
         if a.resume == "no" or latest is None:
             if a.resume == "yes":
@@ -739,11 +760,3 @@ class Trainer:
 def train(args: TrainArgs, **kwargs) -> TrainResult:
     """Run a whole fine-tune (setup, fit, export). See `Trainer` for the files written."""
     return Trainer(args, **kwargs).run()
-
-
-def main_guard(fn: Callable[[], int]) -> int:  # pragma: no cover - used by the CLI
-    try:
-        return fn()
-    except (TrainError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,10 @@ class TrainArgs:
     export: bool = True
     """Write OUT/final (official format) at the end."""
     export_dtype: str = "float32"
-    """float32 (as the official checkpoints) or bfloat16 (half the size)."""
+    """float32 (as the official checkpoints) or bfloat16 (half the size). LoRA / QLoRA merge the adapter into the
+    base loaded on the CPU in this dtype, so the export needs that much host memory (7B: 28 GB float32, 14 GB
+    bfloat16; `--no-export` skips it). A QLoRA adapter was trained against the 4-bit base: merged into the
+    unquantized base it gives slightly different logits; OUT/adapter is the exact result."""
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (2e-5 if self.mode == "full" else 1e-4)
@@ -215,7 +218,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, warmups: dict[str, int], total: int, min_ratio: float):
-    fns = [lambda s, w=warmups[g["component"]]: lr_factor(s, w, total, min_ratio) for g in opt.param_groups]
+    # LambdaLR's count starts at 0 before the first optimizer step; the trainer's steps are 1..total (as in
+    # the official trainer), so the first step already has a non-zero rate and the last one ends at min_ratio.
+    fns = [lambda s, w=warmups[g["component"]]: lr_factor(s + 1, w, total, min_ratio) for g in opt.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(opt, fns)
 
 
@@ -322,7 +327,3 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
         block.forward = forward
         block._ckpt_wrapped = True
-
-
-def trainable_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
