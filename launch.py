@@ -101,6 +101,7 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
         block: keep serving until interrupted (False: return after launch; for tests).
     """
     from app import CSS, MolmoService, build_demo
+    from molmo_core.preprocessing import MAX_FILE_BYTES
 
     credentials = None
     if auth:
@@ -129,7 +130,8 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
     # Up to 8 handlers run at once: the runner groups their generations into one batch (molmo_core.serving).
     demo.queue(max_size=queue_size, default_concurrency_limit=8)
     _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share, auth=credentials,
-                                          prevent_thread_lock=True, css=CSS, show_error=False, quiet=True)
+                                          prevent_thread_lock=True, css=CSS, show_error=False, quiet=True,
+                                          max_file_size=MAX_FILE_BYTES)  # uploads: images and recordings
     _print_startup(service, choice, local_url, share_url)
     if block:
         try:

@@ -141,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         result = train(args)
     except (DataError, TrainError, CheckpointError, MolmoInputError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        _shutdown_distributed(wait_for_all=False)
         return 2
-    finally:
-        _shutdown_distributed()
+    except BaseException:
+        _shutdown_distributed(wait_for_all=False)
+        raise
+    _shutdown_distributed(wait_for_all=True)
     summary = {"steps": result.steps, "last_loss": result.losses[-1] if result.losses else None,
                "final": str(result.final) if result.final else None, "stopped": result.stopped}
     if os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
@@ -151,11 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if result.stopped else 0
 
 
-def _shutdown_distributed() -> None:
-    """Tear the process group down explicitly: leaving it to interpreter exit can abort a worker."""
+def _shutdown_distributed(wait_for_all: bool) -> None:
+    """Tear the process group down explicitly: leaving it to interpreter exit can abort a worker.
+
+    After a run that ended normally every rank first waits for the others (rank 0 may still be writing the
+    export): a rank that tears down its gloo group while a peer is still using it can be aborted (SIGABRT)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
