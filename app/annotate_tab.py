@@ -41,12 +41,17 @@ def _error(message: str) -> gr.Error:
     return gr.Error(message, duration=None, print_exception=False)
 
 
+def _project_key(project_dir: str | None) -> str | None:
+    """The project folder as typed -> its absolute path (one Store per key), None when empty."""
+    folder = (project_dir or "").strip()
+    return str(Path(folder).expanduser().resolve()) if folder else None
+
+
 def get_store(project_dir: str | None, annotations_per_image: int | None = None) -> Store:
     """One ``Store`` per project folder per process (opened, and scanned, on first use)."""
-    folder = (project_dir or "").strip()
-    if not folder:
+    key = _project_key(project_dir)
+    if key is None:
         raise _error("Enter a project folder (a folder of images, or one holding images.txt).")
-    key = str(Path(folder).expanduser().resolve())
     with _stores_lock:
         store = _stores.get(key)
         if store is None:
@@ -122,7 +127,7 @@ class AnnotateHandlers:
         if s.get("image_id") is None or not s.get("project"):
             raise _error(f"No image to {verb}: press 'Next image' first.")
         who = _annotator(annotator)
-        typed = str(Path((project or "").strip()).expanduser().resolve()) if (project or "").strip() else None
+        typed = _project_key(project)
         if typed != s["project"] or who != s["annotator"]:
             raise _error(f"Not done: the image was given to {s['annotator']} in {s['project']}, but the boxes now say "
                          f"{who} in {typed or '(no folder)'}. Put them back, or press 'Next image' to start over.")

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 import molmo_core
 from molmo_core.errors import CheckpointError, MolmoInputError
 from molmo_core.outputs import ClockTime, Point, parse_clock, parse_count, parse_points
-from molmo_core.preprocessing import MAX_IMAGE_PIXELS, check_pixels, open_image
+from molmo_core.preprocessing import MAX_IMAGE_PIXELS, check_pixels, open_image_file
 from molmo_core import prompts
 
 ProgressFn = Callable[[float, str], None]
@@ -205,12 +205,7 @@ def prepare_image(image: Any, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     if image is None:
         raise MolmoInputError("No image: upload a photo (JPEG, PNG or WebP) first.")
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise MolmoInputError(f"Image file not found: {path}")
-        if path.stat().st_size == 0:
-            raise MolmoInputError(f"The image file {path.name} is empty (0 bytes); upload a JPEG or PNG.")
-        image = open_image(path, path.name, max_pixels)
+        image = open_image_file(image, max_pixels)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise MolmoInputError(f"Image arrays must be uint8 HxW, HxWx3 or HxWx4; got {image.dtype} "

@@ -51,16 +51,7 @@ def load_image(image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         MolmoInputError: the file is empty, not an image, or larger than `max_pixels`.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise MolmoInputError(f"Image file not found: {path}")
-        size = path.stat().st_size
-        if size == 0:
-            raise MolmoInputError(f"The image file {path.name} is empty (0 bytes); upload a JPEG or PNG.")
-        if size > MAX_FILE_BYTES:
-            raise MolmoInputError(f"The image file {path.name} is {size / 2**20:.0f} MB; the limit is "
-                                  f"{MAX_FILE_BYTES // 2**20} MB. Resize it first.")
-        image = open_image(path, path.name, max_pixels)
+        image = open_image_file(image, max_pixels)
     elif isinstance(image, (bytes, bytearray)):
         if len(image) == 0:
             raise MolmoInputError("The image is empty (0 bytes); upload a JPEG or PNG.")
@@ -96,6 +87,20 @@ def check_pixels(w: int, h: int, max_pixels: int) -> None:
         raise MolmoInputError(
             f"The image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f} "
             "megapixels. Downscale it first (Molmo sees at most ~1.5 megapixels anyway).")
+
+
+def open_image_file(path: str | os.PathLike, max_pixels: int) -> Image.Image:
+    """`open_image` for a file on disk, refusing a missing, empty or oversized file first."""
+    path = Path(path)
+    if not path.is_file():
+        raise MolmoInputError(f"Image file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise MolmoInputError(f"The image file {path.name} is empty (0 bytes); upload a JPEG or PNG.")
+    if size > MAX_FILE_BYTES:
+        raise MolmoInputError(f"The image file {path.name} is {size / 2**20:.0f} MB; the limit is "
+                              f"{MAX_FILE_BYTES // 2**20} MB. Resize it first.")
+    return open_image(path, path.name, max_pixels)
 
 
 def open_image(fp, name: str, max_pixels: int) -> Image.Image:

@@ -21,6 +21,7 @@ import torch
 from .config import ConnectorConfig, MolmoConfig, TextConfig, VisionConfig
 from .model import Molmo
 from .preprocessing import EXTRA_TOKENS
+from .weights import official_key
 
 TINY_VISION = VisionConfig(width=32, num_heads=2, head_dim=16, num_layers=10, mlp_dim=128)
 
@@ -113,10 +114,7 @@ def init_random_(model: Molmo, seed: int = 0) -> None:
 
 def official_state_dict(model: Molmo) -> dict[str, torch.Tensor]:
     """Our parameter names -> official checkpoint keys."""
-    out = {}
-    for name, p in model.state_dict().items():
-        out[name if name.startswith("lm_head") else "model." + name] = p.detach().contiguous()
-    return out
+    return {official_key(name): p.detach().contiguous() for name, p in model.state_dict().items()}
 
 
 def save_checkpoint(model: Molmo, out: str | Path, *, shards: int = 1, fmt: str = "safetensors") -> None:

@@ -45,6 +45,12 @@ def map_key(key: str) -> str | None:
     return key  # unknown prefix: reported as unexpected by the caller
 
 
+def official_key(name: str) -> str:
+    """Our parameter name -> the key the official checkpoints use (the inverse of `map_key`; the LM head is
+    written top-level, as MolmoE stores it, which both loaders accept)."""
+    return name if name.startswith("lm_head") else "model." + name
+
+
 # ----------------------------------------------------------------------------------------- locating
 def resolve_checkpoint(source: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
     """A local folder as is, or a hub id downloaded (with progress) into the hub cache.

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 import molmo_core
-from molmo_core.tiny import write_tiny_checkpoint
 from molmo_core.train import TrainArgs, Trainer, TrainError
 from molmo_core.train import loop as train_loop
 from molmo_core.train.cli import parse_args, to_argv
@@ -33,17 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red cup on the table", "two black dogs", "the blue car on the street", "a white cat"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "d", "d")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_images(folder: Path, n: int) -> list[str]:

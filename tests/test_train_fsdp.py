@@ -22,27 +22,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import molmo_core
-from molmo_core.tiny import write_tiny_checkpoint
 from molmo_core.train import TrainArgs, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red cup on the table", "two black dogs", "the blue car on the street", "a white cat"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "d", "d")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,11 @@ import torch
 from PIL import Image
 
 import molmo_core
-from molmo_core.tiny import write_tiny_checkpoint
 from molmo_core.train import TrainArgs, Trainer
 from molmo_core.train.lora import load_adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "d", "d")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_records(folder: Path, rows: list[tuple[int, str]]) -> Path:

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..tiny import official_state_dict
-from ..weights import resolve_checkpoint
+from ..weights import official_key, resolve_checkpoint
 
 SHARD_BYTES = 5 * 1024**3
 COPY_SUFFIXES = (".json", ".txt", ".model", ".py", ".md", ".jinja")
@@ -76,16 +75,10 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state-dict names -> official checkpoint keys (as `molmo_core.tiny.official_state_dict`)."""
-    return {(k if k.startswith("lm_head") else "model." + k): v for k, v in state.items()}
-
-
-def export_model(model: nn.Module | None, base: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
-                 extra: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `model` (a plain, unquantized Molmo) to `out` in the official format; returns `out`.
-
-    `state`: the model's full state dict under our names, instead of `model` (FSDP: gathered from the shards).
+def export_model(state: dict[str, torch.Tensor], base: str | Path, out: str | Path,
+                 dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
+    """Write a plain, unquantized Molmo's full state dict (our names) to `out` in the official format, with the
+    base checkpoint's support files; returns `out`.
 
     Raises:
         OSError: the disk is full or not writable (the previous `out`, if any, is left untouched).
@@ -98,9 +91,8 @@ def export_model(model: nn.Module | None, base: str | Path, out: str | Path, dty
     tmp.mkdir(parents=True)
     try:
         copy_support_files(base_path, tmp)
-        state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in (official_keys(state) if state is not None else official_state_dict(model)).items()}
-        save_weights(state, tmp)
+        save_weights({official_key(k): v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                      for k, v in state.items()}, tmp)
         if extra:
             (tmp / "finetune.json").write_text(json.dumps(extra, indent=2, default=str))
         _fsync_tree(tmp)

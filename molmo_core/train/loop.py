@@ -738,20 +738,16 @@ class Trainer:
         dtype = torch.float32 if self.args.export_dtype == "float32" else torch.bfloat16
         info = {"base": str(self.args.model), "mode": self.args.mode, "steps": self.step,
                 "max_crops": self.args.max_crops, "args": self.args.to_dict()}  # molmo_core.load reads max_crops
-        if self.args.mode == "full" and self.fsdp:  # collective: gather the full weights onto rank 0
-            state = self._full_state()
-            if self.rank != 0:
-                return None, None
-            final = export_model(None, self.base_path, self.out / "final", dtype, extra=info, state=state)
-            self.log(f"exported: {final}")
-            return final, None
         if self.args.mode == "full":
-            final = export_model(self.molmo, self.base_path, self.out / "final", dtype, extra=info)
+            state = self._full_state() if self.fsdp else self.molmo.state_dict()  # FSDP: gathered, collective
+            if state is None:  # FSDP, rank > 0
+                return None, None
+            final = export_model(state, self.base_path, self.out / "final", dtype, extra=info)
             self.log(f"exported: {final}")
             return final, None
         adapter = save_adapter(self.molmo, self.out / "adapter")
         merged = merged_from_adapter(self.base_path, adapter, dtype=dtype)
-        final = export_model(merged, self.base_path, self.out / "final", dtype, extra=info)
+        final = export_model(merged.state_dict(), self.base_path, self.out / "final", dtype, extra=info)
         del merged
         self.log(f"exported: {final} (merged) and {adapter} (adapter)")
         return final, adapter
