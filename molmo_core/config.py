@@ -328,29 +328,42 @@ def _to_olmo_config(c: MolmoConfig) -> dict:
     }
 
 
-def _dense(d, layers, heads, kv, inter, vocab, emb, theta, eps, qkv_bias, qk_norm, norm_after) -> MolmoConfig:
-    text = TextConfig(
-        d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, head_dim=d // heads, mlp_hidden=inter,
-        vocab_size=vocab, embedding_size=emb, rope_theta=theta, norm_eps=eps, qkv_bias=qkv_bias,
-        qk_norm=qk_norm, norm_after=norm_after,
-    )
-    return MolmoConfig(text=text, connector=ConnectorConfig(projector_hidden=inter // 2))
+def _dense(**text: Any) -> MolmoConfig:
+    """A dense preset from its decoder fields (the official config.json values): head_dim is
+    d_model / n_heads and the projector's hidden width is the MLP's per-branch width, as in the hub code."""
+    t = TextConfig(head_dim=text["d_model"] // text["n_heads"], **text)
+    return MolmoConfig(text=t, connector=ConnectorConfig(projector_hidden=t.mlp_hidden // 2))
 
 
-# fmt: off
 PRESETS: dict[str, MolmoConfig] = {
     # https://huggingface.co/allenai/Molmo-7B-D-0924/blob/main/config.json
-    "Molmo-7B-D-0924": _dense(3584, 28, 28, 4, 37888, 152064, 152064, 1e6, 1e-6, True, False, False),
+    "Molmo-7B-D-0924": _dense(
+        d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, mlp_hidden=37888,
+        vocab_size=152064, embedding_size=152064, rope_theta=1e6, norm_eps=1e-6,
+        qkv_bias=True, qk_norm=False, norm_after=False,
+    ),
     # https://huggingface.co/allenai/Molmo-7B-O-0924/blob/main/config.json
-    "Molmo-7B-O-0924": _dense(4096, 32, 32, 32, 22016, 100278, 100352, 5e5, 1e-6, False, True, True),
+    "Molmo-7B-O-0924": _dense(
+        d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden=22016,
+        vocab_size=100278, embedding_size=100352, rope_theta=5e5, norm_eps=1e-6,
+        qkv_bias=False, qk_norm=True, norm_after=True,
+    ),
     # https://huggingface.co/allenai/Molmo-72B-0924/blob/main/config.json
-    "Molmo-72B-0924": _dense(8192, 80, 64, 8, 59136, 152064, 152064, 1e6, 1e-5, True, False, False),
+    "Molmo-72B-0924": _dense(
+        d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, mlp_hidden=59136,
+        vocab_size=152064, embedding_size=152064, rope_theta=1e6, norm_eps=1e-5,
+        qkv_bias=True, qk_norm=False, norm_after=False,
+    ),
     # https://huggingface.co/allenai/MolmoE-1B-0924/blob/main/config.json
     "MolmoE-1B-0924": MolmoConfig(
-        text=TextConfig(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, head_dim=128, mlp_hidden=2048,
-                        vocab_size=50280, embedding_size=50304, rope_theta=10000.0, norm_eps=1e-5,
-                        qkv_bias=False, qk_norm=True, norm_after=False,
-                        moe_num_experts=64, moe_top_k=8, moe_expert_hidden=1024),
-        connector=ConnectorConfig(projector_hidden=1024), resize="torch", crop_mask="moe"),
+        text=TextConfig(
+            d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, head_dim=128, mlp_hidden=2048,
+            vocab_size=50280, embedding_size=50304, rope_theta=10000.0, norm_eps=1e-5,
+            qkv_bias=False, qk_norm=True, norm_after=False,
+            moe_num_experts=64, moe_top_k=8, moe_expert_hidden=1024,
+        ),
+        connector=ConnectorConfig(projector_hidden=1024),
+        resize="torch",
+        crop_mask="moe",
+    ),
 }
-# fmt: on
