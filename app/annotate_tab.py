@@ -29,7 +29,7 @@ from annotate.caption import draft_caption
 from annotate.protocol import GUIDING_QUESTIONS, TimerRules, blocking, check_recording
 from annotate.store import AlreadyAnnotatedError, Store, StoreError, check_annotator
 
-from .handlers import user_errors
+from .handlers import USER_ERRORS, user_errors
 
 CAPTION_MAX_NEW_TOKENS = 400
 
@@ -192,6 +192,7 @@ class AnnotateHandlers:
         except (AudioDecodeError, FileNotFoundError) as e:
             raise _error(str(e)) from None
 
+    @user_errors("checking the recording")
     def check(self, audio_path):
         """Recording check text for the box under the recorder."""
         if not audio_path:
@@ -261,11 +262,17 @@ class AnnotateHandlers:
         if (transcript or "").strip():
             texts.append(transcript)
         runner = self.get_runner() if self.get_runner else None
-        gen = None
+        gen, failures = None, []
         if runner is not None:
             def gen(prompt: str) -> str:
-                return runner.generate(None, prompt, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+                try:
+                    return runner.generate(None, prompt, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+                except Exception as e:
+                    failures.append(e)
+                    raise
         result = draft_caption(texts, gen)
+        if failures and not isinstance(failures[0], USER_ERRORS):
+            raise failures[0]  # a bug, not a model message: user_errors logs it with a ref
         if not result.ok:
             return s, gr.update(), result.status
         s["caption_draft"] = result.text

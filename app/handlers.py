@@ -1,8 +1,10 @@
 """Thin event handlers: (inputs, state) -> outputs. They call the service and render; no layout here.
 
-Every user-facing failure becomes `gr.Error(...)` with a message saying what to do; unexpected
-exceptions are logged with their traceback on the server and shown as a short message, so the
-server keeps serving and the browser never sees a traceback.
+Every handler is wrapped in `user_errors(action)`: input errors (`USER_ERRORS`: bad images, empty
+prompts, no model, a busy loader, unreadable audio, a refused database write ...) reach the user
+verbatim as `gr.Error`; anything else is a bug, logged with its traceback and a short reference id,
+and shown as an apology quoting that id, so the server keeps serving, the browser never sees a
+traceback and the log line can be found from what the user reports.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 from PIL import Image
 
+from annotate.asr import AsrError, AsrModelMissing
+from annotate.audio import AudioDecodeError, AudioDeviceError
+from annotate.store import StoreError
 from molmo_core.errors import CheckpointError, ModelUnloadedError, MolmoInputError
 from molmo_core.outputs import Point, parse_points, strip_tags
 
@@ -27,45 +33,57 @@ from .service import MolmoService, NoModelError, ServiceBusyError, prepare_image
 
 log = logging.getLogger("molmo_studio")
 
-USER_ERRORS = (MolmoInputError, ModelUnloadedError, NoModelError, ServiceBusyError, CheckpointError, ValueError, TypeError)
+# Errors whose message is written for the user (what was found, what was expected, what to do).
+# Plain ValueError / TypeError are not here: raised deep inside a handler they are bugs, not input errors.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    MolmoInputError, ModelUnloadedError, NoModelError, ServiceBusyError, CheckpointError,  # model side
+    StoreError, AsrModelMissing, AsrError, AudioDecodeError, AudioDeviceError,  # annotation side
+)
 POINT_TABLE_HEADERS = ["#", "label", "x (px)", "y (px)"]
 QUANTIZE_LABELS = {"none (bf16 on GPU, fp32 on CPU)": None, "8bit": "8bit", "4bit": "4bit"}
-
 
 
 def _error(message: str) -> gr.Error:
     return gr.Error(message, duration=15, print_exception=False)
 
 
-def _as_user_error(e: Exception, action: str) -> gr.Error:
+def _as_user_error(e: Exception, action: str, handler: str) -> gr.Error:
+    """`e` -> the gr.Error the user sees. Call from inside the `except` block (the log takes the traceback)."""
     if isinstance(e, gr.Error):
         return e
     if isinstance(e, USER_ERRORS):
-        return _error(str(e))
-    log.exception("Unexpected error while %s", action)
-    return _error(f"Something went wrong while {action} ({type(e).__name__}: {e}). "
-                  "The server is still running; check the server log and try again.")
+        return _error(str(e) or f"{type(e).__name__} while {action}; check the input and try again.")
+    ref = uuid.uuid4().hex[:8]
+    log.exception("Unexpected error in %s while %s (ref %s)", handler, action, ref)
+    return _error(f"Something went wrong on our side while {action} (ref {ref}); the details are in the "
+                  "server log. The server is still running: try again, and quote the ref if it keeps happening.")
 
 
 def user_errors(action: str) -> Callable:
-    """Decorator: turn exceptions of a handler (plain function or generator) into gr.Error."""
+    """Decorator for every UI handler (plain function or generator): exceptions become gr.Error.
+
+    `action` completes "... while {action}" in the messages, e.g. "pointing". Input errors
+    (`USER_ERRORS`) and a handler's own gr.Error are shown as they are; any other exception is
+    logged with its traceback and a reference id, and the user gets an apology quoting that id.
+    """
 
     def wrap(fn: Callable) -> Callable:
+        name = getattr(fn, "__qualname__", repr(fn))
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator:
                 try:
                     yield from fn(*args, **kwargs)
-                except Exception as e:  # noqa: BLE001
-                    raise _as_user_error(e, action) from None
+                except Exception as e:  # noqa: BLE001 -- sorted into user error / bug right here
+                    raise _as_user_error(e, action, name) from None
             return gen_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001
-                raise _as_user_error(e, action) from None
+            except Exception as e:  # noqa: BLE001 -- sorted into user error / bug right here
+                raise _as_user_error(e, action, name) from None
         return wrapper
 
     return wrap
@@ -129,10 +147,12 @@ class Handlers:
 
     # ------------------------------------------------------------------ model panel
 
+    @user_errors("reading the model status")
     def status(self) -> tuple[str, dict]:
         st = self.service.status()
         return st.markdown(), st.to_json()
 
+    @user_errors("reading the model status")
     def status_tick(self) -> tuple[str, dict, gr.Timer]:
         """Status for the polling timer, which stops itself once no load is running."""
         st = self.service.status()

@@ -273,17 +273,17 @@ class MolmoService:
 
         Raises:
             ServiceBusyError: a load is already running.
-            ValueError: an empty source, an unknown quantization or max_crops < 1.
+            MolmoInputError: an empty source, an unknown quantization or max_crops < 1.
         """
         source = str(source).strip() if source is not None else ""
         if not source:
-            raise ValueError("Choose a checkpoint: a hub id such as allenai/Molmo-7B-D-0924 or a local folder.")
+            raise MolmoInputError("Choose a checkpoint: a hub id such as allenai/Molmo-7B-D-0924 or a local folder.")
         quantize = quantize or None
         if quantize not in QUANTIZE_CHOICES:
-            raise ValueError(f"Unknown quantization {quantize!r}; expected one of 8bit, 4bit or none.")
+            raise MolmoInputError(f"Unknown quantization {quantize!r}; expected one of 8bit, 4bit or none.")
         max_crops = int(max_crops)
         if max_crops < 1:
-            raise ValueError(f"max_crops must be >= 1, got {max_crops}.")
+            raise MolmoInputError(f"max_crops must be >= 1, got {max_crops}.")
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 raise ServiceBusyError(f"{self._state.source} is still loading ({self._state.fraction:.0%}); "
