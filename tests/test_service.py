@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import molmo_core
 from app.service import (ClockResult, CountResult, MolmoService, NoModelError, PointResult, ServiceBusyError,
                          prepare_image)
 from molmo_core import prompts
@@ -136,16 +135,24 @@ def test_point_and_count_are_the_runner_answers_parsed(tiny_service, images):
 
 
 def test_clock_caption_and_ask(tiny_service, images):
+    runner = tiny_service.runner
     clock = tiny_service.read_clock(images[2])
-    assert isinstance(clock.answer, str) and clock.to_json()["task"] == "read_clock"
+    rgb = np.asarray(Image.open(images[2]).convert("RGB"))
+    assert clock.answer == runner.generate(rgb, prompts.clock_prompt(), max_new_tokens=TEST_LIMITS.clock)
+    assert clock.to_json()["task"] == "read_clock"
     cap = tiny_service.caption(images[2], "long caption", 10)
     assert cap.prompt == "long_caption 10:" and cap.style == "long_caption" and cap.answer
     chat = tiny_service.caption(images[2], "transcript", 10, chat_format=True)
     assert chat.prompt == "transcript: Describe this image."
     partial = list(tiny_service.ask_stream(images[3], "What is this?"))
     assert len(partial) >= 2 and all(b.startswith(a) for a, b in zip(partial, partial[1:]))
-    second = list(tiny_service.ask_stream(images[3], "And then?", [("What is this?", partial[-1])]))
-    assert second  # a second turn with history runs
+    history = [("What is this?", partial[-1])]
+    second = list(tiny_service.ask_stream(images[3], "And then?", history))
+    rgb = np.asarray(Image.open(images[3]).convert("RGB"))
+    with_history = runner.generate(rgb, "And then?", history=history, max_new_tokens=TEST_LIMITS.ask)
+    without = runner.generate(rgb, "And then?", max_new_tokens=TEST_LIMITS.ask)
+    assert with_history != without  # this checkpoint answers differently, so the test sees the history
+    assert second[-1].strip() == with_history  # the history reached the model
 
 
 def test_stopping_a_stream_early_frees_the_runner(tiny_service, images):
@@ -208,4 +215,3 @@ def test_transparent_images_are_composited_on_white(tmp_path):
 
 def test_core_errors_are_the_documented_types():
     assert issubclass(MolmoInputError, ValueError) and issubclass(CheckpointError, RuntimeError)
-    assert molmo_core.load is not None
