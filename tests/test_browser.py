@@ -1,5 +1,6 @@
 """Headless Chromium (Playwright + Debian's /usr/bin/chromium): upload, click, see the overlay and the
-count; a screenshot of every tab goes to artifacts/screenshots/ (gitignored).
+count, and check what every tab shows; a screenshot of every tab goes to artifacts/screenshots/
+(gitignored), written fresh by each run.
 
 The service runs with a scripted runner (known points: three coins in a row) so the overlay has
 markers to look at; the real-model paths are covered through gradio_client in test_app.py."""
@@ -7,6 +8,7 @@ markers to look at; the real-model paths are covered through gradio_client in te
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-dev-shm-usage"]
 TABS = [("Model", "model"), ("Point & Count", "point_count"), ("Clock", "clock"), ("Ask", "ask"),
         ("Caption", "caption"), ("Annotate", "annotate"), ("Train", "train")]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,9 @@ def test_point_and_count_in_the_browser_and_screenshots(browser, scripted_app):
     from playwright.sync_api import expect
 
     SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):  # a screenshot left by an earlier run must not pass for this one
+        old.unlink()
+    started = time.time()
     page = browser.new_page(viewport={"width": 1360, "height": 1000})
     page.goto(scripted_app, wait_until="load")  # not networkidle: Gradio keeps a heartbeat open
     expect(page.get_by_role("tab", name="Point & Count")).to_be_visible(timeout=30000)
@@ -118,12 +124,18 @@ def test_point_and_count_in_the_browser_and_screenshots(browser, scripted_app):
     page.get_by_role("tab", name="Model").click()
     expect(page.locator("#model_status")).to_contain_text("scripted", timeout=10000)
     page.screenshot(path=str(SHOTS / "model.png"), full_page=True)
-    for name, stem in TABS[5:]:
-        tab = page.get_by_role("tab", name=name)
-        if tab.count():
-            tab.click()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(SHOTS / f"{stem}.png"), full_page=True)
+
+    # Annotate and Train: their controls are on the page once their tab is open.
+    page.get_by_role("tab", name="Annotate").click()
+    expect(page.locator("#annotate_next")).to_be_visible(timeout=10000)
+    expect(page.locator("#annotate_image_info")).to_contain_text("press Next image")
+    page.screenshot(path=str(SHOTS / "annotate.png"), full_page=True)
+    page.get_by_role("tab", name="Train").click()
+    expect(page.get_by_role("button", name="Load result into the app")).to_be_visible(timeout=10000)
+    expect(page.get_by_text("No run yet.")).to_be_visible()
+    page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
     page.close()
-    assert {"point_count.png", "clock.png", "ask.png", "caption.png", "model.png"} <= {
-        p.name for p in SHOTS.glob("*.png")}
+    for _, stem in TABS:  # one fresh, non-empty PNG per tab, written by this run
+        shot = SHOTS / f"{stem}.png"
+        assert shot.is_file(), f"no screenshot of the {stem} tab"
+        assert shot.stat().st_mtime >= started - 1 and shot.read_bytes()[:8] == PNG_MAGIC, shot
