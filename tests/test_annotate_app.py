@@ -151,7 +151,8 @@ def test_server_killed_mid_save_keeps_store_consistent(tmp_path, stage):
         url = f"http://127.0.0.1:{port}/"
         _wait_http(url, proc)
         client = Client(url, verbose=False, download_files=False)
-        client.predict("alice", str(project), api_name="/annotate_next")
+        info = client.predict("alice", str(project), api_name="/annotate_next")[1]
+        given = int(info.split("(image ", 1)[1].split(";", 1)[0])  # "**img_001.png** (image 2; ..."
         job = client.submit("alice", str(project), handle_file(str(speech)), "lost in the crash", "new caption",
                             api_name="/annotate_save")
         deadline = time.time() + 60
@@ -178,9 +179,9 @@ def test_server_killed_mid_save_keeps_store_consistent(tmp_path, stage):
     assert len(flacs) == 2  # the confirmed receipt + the orphan of the interrupted save
     removed = s.cleanup_orphans(min_age_seconds=0)
     assert len(removed) == 1 and s.abs(confirmed.audio_path).is_file()
-    # the interrupted annotator can simply do it again
+    # the interrupted annotator gets the same image back and can simply do it again
     t = s.next_image("alice")
-    assert t is not None
+    assert t.image_id == given != confirmed.image_id
     s.save_annotation(t.image_id, "alice", decode_audio(speech), "raw", "redo")
     assert len(s.annotations()) == 2 and s.verify() == []
 
