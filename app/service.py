@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
 import molmo_core
 from molmo_core.errors import CheckpointError, MolmoInputError
 from molmo_core.outputs import ClockTime, Point, parse_clock, parse_count, parse_points
-from molmo_core.preprocessing import MAX_IMAGE_PIXELS, check_pixels, open_image_file
+from molmo_core.preprocessing import MAX_IMAGE_PIXELS, load_image
 from molmo_core import prompts
 
 ProgressFn = Callable[[float, str], None]
@@ -193,41 +192,20 @@ class TaskLimits:
 
 
 def prepare_image(image: Any, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """A PIL image, numpy array or file path -> uint8 RGB array (H, W, 3).
+    """A PIL image, numpy array or file path -> uint8 RGB array (H, W, 3), via `molmo_core.preprocessing.load_image`.
 
-    Transparent images are composited on white (the model card's advice: RGBA input otherwise gives
-    black backgrounds or a broadcast error); EXIF orientation is applied. The file's header is checked
-    against `max_pixels` before anything is decoded.
+    The app's choice: transparent images are composited on white (`alpha="white"`, the model card's
+    advice: RGBA input otherwise shows its hidden colours, often a black background). molmo_core's own
+    default drops alpha as the official processor does, so the same RGBA file can get a different answer
+    through the core API. EXIF orientation is applied; the file's header is checked against `max_pixels`
+    before anything is decoded.
 
     Raises:
         MolmoInputError: no image, an unreadable file, or one over the pixel limit.
     """
     if image is None:
         raise MolmoInputError("No image: upload a photo (JPEG, PNG or WebP) first.")
-    if isinstance(image, (str, Path)):
-        image = open_image_file(image, max_pixels)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise MolmoInputError(f"Image arrays must be uint8 HxW, HxWx3 or HxWx4; got {image.dtype} "
-                                  f"{image.shape}.")
-        check_pixels(image.shape[1], image.shape[0], max_pixels)
-        image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-    if not isinstance(image, Image.Image):
-        raise MolmoInputError(f"Unsupported image input of type {type(image).__name__}; "
-                              "expected a PIL image, a uint8 array or a file path.")
-    check_pixels(*image.size, max_pixels)
-    try:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, rgba)
-        rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise MolmoInputError(f"Could not decode the image ({e}); upload a valid JPEG or PNG.") from None
-    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise MolmoInputError(f"The image has size {rgb.shape[1]}x{rgb.shape[0]}; expected at least 1x1.")
-    return np.ascontiguousarray(rgb)
+    return load_image(image, max_pixels=max_pixels, alpha="white")
 
 
 def _prompt(builder: Callable[..., str], *args: Any, **kwargs: Any) -> str:

@@ -1,6 +1,9 @@
 """Image -> overlapping crops, patch masks, token layout and prompt ids, as the official processor does it.
 
-Pipeline for one image (see `../shared/reference/molmo_v1.md` section 5):
+The official processor is the `trust_remote_code` file `image_preprocessing_molmo.py` of the allenai
+checkpoints (TensorFlow resize for the dense models, torchvision for MolmoE); docs/design.md summarises
+what is reproduced and why. All sizes below follow from `CropLayout` (336-px crops, 14-px patches,
+4-patch overlap margins, 2x2 pooling); the numbers are those defaults. Pipeline for one image:
   1. choose a tiling rows x cols (<= max_crops) for the image minus the 112-px overlap margin;
   2. aspect-preserving antialiased bilinear resize into (rows*224+112, cols*224+112), centred zero pad,
      CLIP-normalise; cut rows*cols overlapping 336x336 crops with stride 224;
@@ -35,21 +38,109 @@ EXTRA_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
 MAX_IMAGE_PIXELS = 100_000_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
-MARGIN = 4  # overlap margin in patches, left/top and right/bottom
-POOL = 2
+ALPHA_MODES = ("drop", "white")
+
+
+@dataclass(frozen=True)
+class CropLayout:
+    """Crop and image-token geometry, all derived from four numbers (the checkpoint's
+    `preprocessor_config.json`: base_image_input_size, image_patch_size, overlap_margins; the 2x2 pooling).
+
+    With the defaults a crop is 24x24 patches, pooled to 12x12 tokens; its 16-patch (224 px) window sits
+    between 4-patch margins (112 px in all), i.e. 8 pooled tokens of window and 2 of margin per side.
+    """
+
+    crop_size: int = 336
+    patch: int = 14
+    margin: int = 4  # overlap margin in patches, left/top and right/bottom
+    pool: int = 2
+
+    def __post_init__(self) -> None:
+        if self.crop_size % self.patch or self.patches % self.pool or self.margin % self.pool \
+                or self.window_patches <= 0:
+            raise ValueError(f"Inconsistent crop layout {self}: the crop must be whole patches, the patches and "
+                             "the margin whole pooling cells, and the window (crop minus margins) positive.")
+
+    @property
+    def patches(self) -> int:
+        """Patches per crop side (24)."""
+        return self.crop_size // self.patch
+
+    @property
+    def tokens(self) -> int:
+        """Pooled tokens per crop side (12)."""
+        return self.patches // self.pool
+
+    @property
+    def window_patches(self) -> int:
+        """Patches per crop side that no neighbouring crop overlaps (16)."""
+        return self.patches - 2 * self.margin
+
+    @property
+    def window(self) -> int:
+        """Crop stride in pixels (224)."""
+        return self.window_patches * self.patch
+
+    @property
+    def margin_px(self) -> int:
+        """Both margins of a crop side in pixels (112)."""
+        return 2 * self.margin * self.patch
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window_patches // self.pool  # 8
+
+    @property
+    def margin_tokens(self) -> int:
+        return self.margin // self.pool  # 2
+
+    def select_tiling(self, h: int, w: int, max_crops: int) -> tuple[int, int]:
+        """rows x cols for an h x w image (`select_tiling` on the image minus the margins)."""
+        return select_tiling(h - self.margin_px, w - self.margin_px, self.window, max_crops)
+
+    def grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """The high-res view's pooled grid R x C: every crop keeps its window, the outer crops their outer
+        margins too ((8 rows + 4) x (8 cols + 4))."""
+        return (rows * self.window_tokens + 2 * self.margin_tokens,
+                cols * self.window_tokens + 2 * self.margin_tokens)
+
+    @property
+    def global_block(self) -> int:
+        """Tokens of the global view: `<im_start>`, tokens x (tokens `<im_patch>` + `<im_col>`), `<im_end>` (158)."""
+        return 2 + self.tokens * (self.tokens + 1)
+
+    def image_tokens(self, rows: int, cols: int) -> int:
+        """Tokens of one image: the global block plus `<im_start>`, R x (C `<im_patch>` + `<im_col>`),
+        `<im_end>` (160 + (8 rows + 4)(8 cols + 5))."""
+        R, C = self.grid(rows, cols)
+        return self.global_block + 2 + R * (C + 1)
 
 
 # ----------------------------------------------------------------------------------------- image input
-def load_image(image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Any accepted image input -> uint8 RGB array [H, W, 3].
+def load_image(image, *, max_pixels: int = MAX_IMAGE_PIXELS, alpha: str = "drop") -> np.ndarray:
+    """Any accepted image input -> uint8 RGB array [H, W, 3]. The one place images become RGB, for the
+    core and the app alike.
 
-    Accepts a PIL image, a numpy array (HxW, HxWx3, HxWx4 uint8) or a path / bytes. EXIF orientation is
-    applied (as the training loader does) and the image is converted to RGB the way the later official
-    processor does (`Image.convert("RGB")`: grayscale replicated, alpha dropped without compositing).
+    Accepts a PIL image, a numpy array (HxW, HxWx1, HxWx3, HxWx4 uint8) or a path / bytes. EXIF orientation
+    is applied (as the training loader does); grayscale is replicated to three channels.
+
+    Args:
+        alpha: what happens to transparency (RGBA / LA / PA images, P images with a transparent colour,
+            HxWx4 arrays):
+            "drop" (the default): the later official processor's `Image.convert("RGB")`: alpha is discarded
+                without compositing, so fully transparent pixels show whatever colour they store (often
+                black). The parity vectors were made this way; molmo_core's API uses it.
+            "white": composite on a white background first, as the Molmo-7B-D model card advises for
+                transparent images. The app uses this (`app.service.prepare_image`), so the same RGBA file
+                can get a different answer there than through `molmo_core.load(...).generate`.
 
     Raises:
         MolmoInputError: the file is empty, not an image, or larger than `max_pixels`.
     """
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha must be one of {ALPHA_MODES}; got {alpha!r}")
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image, max_pixels)
     if isinstance(image, (str, os.PathLike)):
         image = open_image_file(image, max_pixels)
     elif isinstance(image, (bytes, bytearray)):
@@ -63,23 +154,35 @@ def load_image(image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             raise MolmoInputError(f"The image has size {w}x{h}; expected at least 1x1 pixels.")
         try:
             image = ImageOps.exif_transpose(image)
+            if alpha == "white" and has_alpha(image):
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             if image.mode != "RGB":
                 image = image.convert("RGB")
             arr = np.asarray(image, dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise MolmoInputError(f"Could not decode the image ({e}); upload a valid JPEG or PNG.") from e
-        return arr
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise MolmoInputError(f"Image arrays must be uint8; got {image.dtype}.")
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise MolmoInputError(f"Image arrays must be HxW, HxWx3 or HxWx4; got shape {image.shape}.")
-        check_pixels(image.shape[1], image.shape[0], max_pixels)
-        return np.ascontiguousarray(image[:, :, :3])
+        return np.ascontiguousarray(arr)
     raise MolmoInputError(f"Unsupported image input of type {type(image).__name__}; "
                           "expected a PIL image, a uint8 array or a file path.")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether a PIL image carries transparency (an alpha band or a transparent palette colour)."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _array_to_pil(image: np.ndarray, max_pixels: int) -> Image.Image:
+    """A uint8 HxW / HxWx1 / HxWx3 / HxWx4 array as a PIL image (L, RGB or RGBA), sizes checked first."""
+    if image.dtype != np.uint8:
+        raise MolmoInputError(f"Image arrays must be uint8; got {image.dtype}. Convert with "
+                              "`(x * 255).round().astype(np.uint8)` for floats in [0, 1].")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise MolmoInputError(f"Image arrays must be uint8 HxW, HxWx1, HxWx3 or HxWx4; got shape {image.shape}.")
+    check_pixels(image.shape[1], image.shape[0], max_pixels)
+    return Image.fromarray(np.ascontiguousarray(image))
 
 
 def check_pixels(w: int, h: int, max_pixels: int) -> None:
@@ -149,11 +252,40 @@ def select_tiling(h: float, w: float, window: int, max_crops: int) -> tuple[int,
     return int(cand[ix, 0]), int(cand[ix, 1])
 
 
+def resized_size(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
+    """The size an h x w image is resized to inside out_h x out_w: aspect kept, float32 scale, truncated
+    (the official `resize_and_pad`). A side can truncate to 0 for extreme aspect ratios."""
+    scale = min(np.float32(out_h) / np.float32(h), np.float32(out_w) / np.float32(w))
+    return int(np.float32(h) * scale), int(np.float32(w) * scale)
+
+
+def check_resizable(h: int, w: int, layout: "CropLayout") -> None:
+    """Refuse an image whose shorter side would shrink to 0 pixels in the global view.
+
+    The global view (crop_size x crop_size) is the smallest resize target, so it is the one that fails
+    first: the official preprocessing then asks TensorFlow / torchvision for a 0-pixel resize and fails
+    with an internal error. We refuse it up front, saying the size found and the minimum.
+
+    Raises:
+        MolmoInputError: naming the size, the minimum shorter side for this longer side and the fix.
+    """
+    if min(resized_size(h, w, layout.crop_size, layout.crop_size)) >= 1:
+        return
+    long_side, short_side = max(h, w), min(h, w)
+    need = -(-long_side // layout.crop_size)  # ceil(long / crop); float32 rounding may want one more
+    while min(resized_size(need, long_side, layout.crop_size, layout.crop_size)) < 1:
+        need += 1
+    shape = "thin" if w < h else "flat"
+    raise MolmoInputError(
+        f"The image is {w}x{h} pixels: too {shape} for Molmo. Its {layout.crop_size}x{layout.crop_size} "
+        f"overview would shrink the {short_side}-px side to 0 pixels (the official preprocessing fails on it "
+        f"too). With a {long_side}-px side the other side must be at least {need} px (aspect ratio at most "
+        f"about 1:{layout.crop_size}); crop the image or pad it to a less extreme shape.")
+
+
 def resize_and_pad(image: np.ndarray, out_h: int, out_w: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [H, W, 3] -> float32 [out_h, out_w, 3] in [0, 1], centred zero pad, plus the bool mask."""
-    h, w = image.shape[:2]
-    scale = min(np.float32(out_h) / np.float32(h), np.float32(out_w) / np.float32(w))
-    sh, sw = int(np.float32(h) * scale), int(np.float32(w) * scale)
+    sh, sw = resized_size(*image.shape[:2], out_h, out_w)
     x = image.astype(np.float32) * np.float32(1.0 / 255.0) if resize == "tf" else image.astype(np.float32) / 255.0
     if resize == "tf":
         x = resize_tf_antialias(x, sh, sw)
@@ -190,21 +322,23 @@ class ImageInputs:
 
 def process_image(image: np.ndarray, *, special: "SpecialTokens", max_crops: int = 12,
                   resize: str = "tf", crop_size: int = 336, patch: int = 14) -> ImageInputs:
-    """Crops, masks and the image token block for one uint8 RGB image."""
-    n_side = crop_size // patch  # 24 patches per crop side
-    tok_side = n_side // POOL  # 12 pooled tokens per crop side
-    window_patches = n_side - 2 * MARGIN  # 16
-    window = window_patches * patch  # 224 px
-    margin_px = 2 * MARGIN * patch  # 112 px
-    H, W = image.shape[:2]
+    """Crops, masks and the image token block for one uint8 RGB image.
 
-    rows, cols = select_tiling(H - margin_px, W - margin_px, window, max_crops)
-    big, big_mask = resize_and_pad(image, rows * window + margin_px, cols * window + margin_px, resize)
+    Raises:
+        MolmoInputError: an aspect ratio so extreme that a resized side would be 0 pixels.
+    """
+    lay = CropLayout(crop_size, patch)
+    H, W = image.shape[:2]
+    check_resizable(H, W, lay)
+
+    rows, cols = lay.select_tiling(H, W, max_crops)
+    big, big_mask = resize_and_pad(image, rows * lay.window + lay.margin_px, cols * lay.window + lay.margin_px,
+                                   resize)
     big = normalize(big)
     crops, crop_masks = [], []
     for r in range(rows):
         for c in range(cols):
-            y0, x0 = r * window, c * window
+            y0, x0 = r * lay.window, c * lay.window
             crops.append(big[y0:y0 + crop_size, x0:x0 + crop_size])
             crop_masks.append(big_mask[y0:y0 + crop_size, x0:x0 + crop_size])
     glob, _ = resize_and_pad(image, crop_size, crop_size, resize)
@@ -213,29 +347,29 @@ def process_image(image: np.ndarray, *, special: "SpecialTokens", max_crops: int
     # The official processor appends a row of -1 to the TILE masks and pairs them with [global, tiles...]:
     # the global view gets tile 0's mask, tile k gets tile k+1's, the last tile gets -1 ("partial pad").
     # The released checkpoints were trained this way, so it is reproduced on purpose.
-    masks = np.concatenate([masks, np.full((1, n_side * n_side), -1.0, np.float32)], 0)
+    masks = np.concatenate([masks, np.full((1, lay.patches ** 2), -1.0, np.float32)], 0)
 
-    # Token block. Pooled grid of the high-res view: R x C cells; every crop keeps a non-overlapping part.
-    R, C = rows * (window_patches // POOL) + 2 * (MARGIN // POOL), cols * (window_patches // POOL) + 2 * (MARGIN // POOL)
-    glob_row = [special.im_patch] * tok_side + [special.im_col]
-    hi_row = [special.im_patch] * C + [special.im_col]
-    tokens = ([special.im_start] + glob_row * tok_side + [special.im_end]
-              + [special.im_start] + hi_row * R + [special.im_end])
-    hi_start = 1 + tok_side * (tok_side + 1) + 1 + 1  # index of the first high-res <im_patch>
+    # Token block: the global view's grid, then the high-res view's pooled grid R x C, in which every crop
+    # keeps a non-overlapping part. Each grid row is its <im_patch> tokens followed by one <im_col>.
+    n, R, C = lay.tokens, *lay.grid(rows, cols)
+    tokens = ([special.im_start] + ([special.im_patch] * n + [special.im_col]) * n + [special.im_end]
+              + [special.im_start] + ([special.im_patch] * C + [special.im_col]) * R + [special.im_end])
+    hi_start = lay.global_block + 1  # index of the first high-res <im_patch> (after its <im_start>)
 
-    positions = np.full((1 + rows * cols, tok_side * tok_side), -100, dtype=np.int32)
-    k = np.arange(tok_side * tok_side)
-    positions[0] = 1 + (k // tok_side) * (tok_side + 1) + k % tok_side
+    positions = np.full((1 + rows * cols, n * n), -100, dtype=np.int32)
+    k = np.arange(n * n)
+    positions[0] = 1 + (k // n) * (n + 1) + k % n  # after the global <im_start>, skipping <im_col>s
+    win, m = lay.window_tokens, lay.margin_tokens
     for r in range(rows):
         for c in range(cols):
-            top = 0 if r == 0 else MARGIN // POOL  # first kept pooled row inside this crop
-            left = 0 if c == 0 else MARGIN // POOL
-            kh = window_patches // POOL + (MARGIN // POOL) * ((r == 0) + (r == rows - 1))  # kept rows
-            kw = window_patches // POOL + (MARGIN // POOL) * ((c == 0) + (c == cols - 1))
-            g_top = 0 if r == 0 else r * (window_patches // POOL) + MARGIN // POOL  # grid row of `top`
-            g_left = 0 if c == 0 else c * (window_patches // POOL) + MARGIN // POOL
+            top = 0 if r == 0 else m  # first kept pooled row inside this crop
+            left = 0 if c == 0 else m
+            kh = win + m * ((r == 0) + (r == rows - 1))  # kept rows: the window, plus outer margins
+            kw = win + m * ((c == 0) + (c == cols - 1))
+            g_top = 0 if r == 0 else r * win + m  # grid row of `top`
+            g_left = 0 if c == 0 else c * win + m
             pr, pc = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
-            cell = (top + pr) * tok_side + (left + pc)  # pooled cell inside the crop's 12x12 grid
+            cell = (top + pr) * n + (left + pc)  # pooled cell inside the crop's n x n grid
             positions[1 + r * cols + c, cell.ravel()] = (hi_start + (g_top + pr) * (C + 1) + g_left + pc).ravel()
     return ImageInputs(
         images=to_patches(crops, patch),
@@ -246,10 +380,9 @@ def process_image(image: np.ndarray, *, special: "SpecialTokens", max_crops: int
     )
 
 
-def image_token_count(h: int, w: int, max_crops: int = 12) -> int:
-    """Number of image tokens for an h x w image (160 + (8 rows + 4)(8 cols + 5))."""
-    rows, cols = select_tiling(h - 112, w - 112, 224, max_crops)
-    return 160 + (8 * rows + 4) * (8 * cols + 5)
+def image_token_count(h: int, w: int, max_crops: int = 12, layout: CropLayout = CropLayout()) -> int:
+    """Number of image tokens for an h x w image (default layout: 160 + (8 rows + 4)(8 cols + 5))."""
+    return layout.image_tokens(*layout.select_tiling(h, w, max_crops))
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
