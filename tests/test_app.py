@@ -57,9 +57,11 @@ def test_task_endpoints_return_answer_and_parsed_json(tiny_app, images):
     assert result["task"] == "point" and result["image_size"] == [96, 72] and isinstance(result["points"], list)
 
     answer, result = client.predict(image, "coins", api_name="/count")
+    assert answer == service.count(images[0], "coins").answer
     assert result["task"] == "count" and result["answer"] == answer
 
     answer, result = client.predict(image, api_name="/read_clock")
+    assert answer == service.read_clock(images[0]).answer
     assert result["task"] == "read_clock" and set(result) >= {"time", "hour", "minute", "second"}
 
     answer, result = client.predict(image, "transcript", 10, False, api_name="/caption")

@@ -131,6 +131,8 @@ def test_point_and_count_are_the_runner_answers_parsed(tiny_service, images):
     assert (result.width, result.height) == (96, 72) and result.phrase == "the coins"
     count = tiny_service.count(Image.open(images[1]), "coins")
     assert isinstance(count, CountResult)
+    rgb = np.asarray(Image.open(images[1]).convert("RGB"))
+    assert count.answer == runner.generate(rgb, prompts.count_prompt("coins"), max_new_tokens=TEST_LIMITS.count)
     assert count.to_json()["task"] == "count" and "count" in count.to_json()
 
 
