@@ -14,7 +14,6 @@ The server listens on 127.0.0.1 unless --host says otherwise; --share is off by 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +47,17 @@ def find_local(hub_id: str) -> str | None:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    """HF_HUB_OFFLINE as the hub library itself reads it."""
+    from huggingface_hub import is_offline_mode
+
+    return is_offline_mode()
 
 
 def _download_hint(hub_id: str) -> str:
-    name = hub_id.split("/")[-1]
-    return (f"Download it on a machine with internet access with "
-            f"`huggingface-cli download {hub_id} --local-dir ./checkpoints/{name}`, copy the folder here "
-            f"and start with `python launch.py --model ./checkpoints/{name}`.")
+    from molmo_core.errors import download_hint
+
+    folder = f"./{CHECKPOINTS_DIR / hub_id.split('/')[-1]}"
+    return download_hint(hub_id, folder, f"start with `python launch.py --model {folder}`")
 
 
 def choose_startup_model() -> StartupChoice:

@@ -9,7 +9,7 @@ Model selection, first match wins:
   1. ``model`` is an existing folder (a CTranslate2 Whisper: model.bin, config.json, tokenizer.json ...);
   2. ``$MOLMO_WHISPER_DIR/<model>`` (default ``./models/whisper/<model>``) exists;
   3. a faster-whisper model name (``small.en``, ``base``, ``large-v3`` ...) already in the Hugging Face
-     cache; downloaded from the hub only when ``HF_HUB_OFFLINE`` is not set.
+     cache; downloaded from the hub unless it is offline (``HF_HUB_OFFLINE``, as huggingface_hub reads it).
 """
 from __future__ import annotations
 
@@ -114,13 +114,14 @@ class Transcriber:
         target = (root / self.model_name).resolve()
         repo = f"Systran/faster-whisper-{self.model_name}"
         why = f" ({detail})" if detail else ""
+        from molmo_core.errors import download_hint  # lazily: importing molmo_core loads torch
+
         return (
             f"The speech-recognition model '{self.model_name}' is not available offline{why}. "
-            f"On a machine with internet run: `huggingface-cli download {repo} --local-dir "
-            f"{target}` (about 480 MB for small.en), copy that folder here, or point "
-            f"{MODEL_ENV} at any faster-whisper (CTranslate2) model folder containing model.bin, "
-            f"config.json, tokenizer.json and vocabulary.*. Until then type the transcript by hand; "
-            f"the recording is still saved."
+            + download_hint(repo, str(target)).rstrip(".")
+            + f" (about 480 MB for small.en), or point {MODEL_ENV} at any faster-whisper (CTranslate2) model "
+            f"folder containing model.bin, config.json, tokenizer.json and vocabulary.*. Until then type the "
+            f"transcript by hand; the recording is still saved."
         )
 
     def load(self):
@@ -149,7 +150,9 @@ class Transcriber:
                     raise AsrModelMissing(self.missing_message(str(e))) from None
             except Exception:
                 pass  # not in the cache: try the hub below
-            if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+            from huggingface_hub import is_offline_mode
+
+            if is_offline_mode():
                 raise AsrModelMissing(self.missing_message("HF_HUB_OFFLINE is set and it is not in the cache"))
             try:
                 self._model = WhisperModel(self.model_name, **kwargs)

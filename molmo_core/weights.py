@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import MolmoConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, download_hint
 from .model import Molmo
 
 # fmt: off
@@ -53,10 +53,13 @@ def official_key(name: str) -> str:
 
 # ----------------------------------------------------------------------------------------- locating
 def resolve_checkpoint(source: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
-    """A local folder as is, or a hub id downloaded (with progress) into the hub cache.
+    """A local folder as is, or a hub id: its cached snapshot when complete, else downloaded (with progress).
+
+    Offline means the hub library's own reading of `HF_HUB_OFFLINE` (`huggingface_hub.is_offline_mode`).
 
     Raises:
-        CheckpointError: the folder lacks files, or the hub id cannot be fetched (offline) and is not cached.
+        CheckpointError: the folder lacks files; the hub id is not cached and the hub is offline or the
+            download fails; or the cached copy is incomplete (naming the missing files) and cannot be completed.
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -65,25 +68,36 @@ def resolve_checkpoint(source: str | os.PathLike, progress: ProgressFn | None = 
     text = str(source)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         raise CheckpointError(f"{text!r} is neither an existing folder nor a hub id like 'allenai/Molmo-7B-D-0924'.")
+    from huggingface_hub import is_offline_mode, snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    incomplete = None  # what is wrong with the cached copy, if there is one
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover
-        raise CheckpointError("huggingface_hub is not installed; pass a local folder instead.") from e
-    try:
-        local = snapshot_download(text, local_files_only=True, allow_patterns=list(WEIGHT_PATTERNS))
-        check_checkpoint_dir(Path(local))
-        return Path(local)
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise CheckpointError(_offline_message(text))
+        local = Path(snapshot_download(text, local_files_only=True, allow_patterns=list(WEIGHT_PATTERNS)))
+        check_checkpoint_dir(local)
+        return local
+    except IncompleteSnapshotError as e:  # the hub's cached file listing names the missing files
+        incomplete = str(e)
+    except CheckpointError as e:  # our own check: a shard named in the index, or all weights, missing
+        incomplete = f"the cached copy in {local} is incomplete: {e}"
+    except LocalEntryNotFoundError:
+        pass  # not cached at all
+    if is_offline_mode():
+        if incomplete:
+            raise CheckpointError(f"{text} is only partly downloaded: {incomplete}\nThe hub is offline "
+                                  f"(HF_HUB_OFFLINE is set), so the missing files cannot be fetched here. "
+                                  + _download_hint(text))
+        raise CheckpointError(f"The checkpoint {text} is not on this machine and the hub is offline "
+                              f"(HF_HUB_OFFLINE is set). " + _download_hint(text))
     try:
         if progress:
             progress(0.0, f"Downloading {text} from the Hugging Face hub...")
         local = snapshot_download(text, allow_patterns=list(WEIGHT_PATTERNS),
                                   tqdm_class=forwarding_tqdm(progress, text) if progress else None)
     except Exception as e:
-        raise CheckpointError(f"Could not download {text}: {type(e).__name__}: {e}\n\n" + _offline_message(text)) from e
+        before = f" (the cached copy was incomplete: {incomplete})" if incomplete else ""
+        raise CheckpointError(f"Could not download {text}{before}: {type(e).__name__}: {e}\n"
+                              + _download_hint(text)) from e
     check_checkpoint_dir(Path(local))
     return Path(local)
 
@@ -103,14 +117,9 @@ def forwarding_tqdm(progress: ProgressFn, name: str):
     return ForwardingTqdm
 
 
-def _offline_message(repo_id: str) -> str:
-    name = repo_id.split("/")[-1]
-    return (
-        f"The checkpoint {repo_id} is not on this machine and the hub is not reachable.\n"
-        f"Download it on a machine with internet access:\n"
-        f"    huggingface-cli download {repo_id} --local-dir ./checkpoints/{name}\n"
-        f"copy the folder here, and start with  --model ./checkpoints/{name}"
-    )
+def _download_hint(repo_id: str) -> str:
+    folder = f"./checkpoints/{repo_id.split('/')[-1]}"
+    return download_hint(repo_id, folder, f"load that folder (`--model {folder}` on the command line)")
 
 
 def weight_files(path: Path) -> list[Path]:

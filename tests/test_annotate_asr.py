@@ -32,7 +32,7 @@ def test_missing_model_says_what_to_download(tmp_path, monkeypatch):
     with pytest.raises(AsrModelMissing) as e:
         t.load()
     msg = str(e.value)
-    assert "huggingface-cli download Systran/faster-whisper-small.en" in msg
+    assert "hf download Systran/faster-whisper-small.en --local-dir" in msg
     assert str(tmp_path / "models" / "small.en") in msg and "MOLMO_WHISPER_MODEL" in msg
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -122,7 +122,7 @@ def test_missing_folder_and_offline_hub_id_say_what_to_do(tmp_path, monkeypatch)
         molmo_core.load(tmp_path / "nope" / "x y")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match="huggingface-cli download allenai/Molmo-7B-D-0924"):
+    with pytest.raises(CheckpointError, match="hf download allenai/Molmo-7B-D-0924 --local-dir ./checkpoints/Molmo-7B-D-0924"):
         molmo_core.load("allenai/Molmo-7B-D-0924")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
