@@ -17,10 +17,11 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from molmo_core.train.cli import start_background, stop_background
+from molmo_core.train.cli import STOPPED_EXIT_CODE, absolute_paths, start_background, stop_background
 from molmo_core.train.plot import read_metrics
 from molmo_core.train.recipe import TrainArgs
 
+from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
 from .handlers import user_errors
 
 _procs: dict[str, subprocess.Popen] = {}
@@ -44,7 +45,8 @@ def default_out_dir() -> str:
 def start_run(get_model_source: Callable[[], str | None], base_model: str, data: str, images_dir: str, out: str,
               mode: str, max_steps: float | None, lr: float | None, batch_size: float, grad_accum: float,
               max_crops: float, lora_rank: float, lora_connector: bool, eval_fraction: float) -> tuple[str, str]:
-    """Start a background run; returns (run folder, status text)."""
+    """Start a background run; returns (run folder, status text). A blank max_steps / lr (None) means the
+    trainer's default; relative paths are resolved against the app's working directory."""
     model = (base_model or "").strip() or (get_model_source() or "")
     if not model:
         raise _error("No base model: load a model in the app first, or type a checkpoint folder / hub id.")
@@ -52,14 +54,9 @@ def start_run(get_model_source: Callable[[], str | None], base_model: str, data:
     if not sources:
         raise _error("Enter the training data: a PixMo-Cap parquet, a JSONL of {image, caption, transcripts}, "
                      "a folder of those, or clocks:N.")
-    # Absolute paths: the run's log and status name exactly what was used, whatever the run's cwd.
-    sources = [str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p for p in sources]
-    out = str(Path((out or "").strip() or default_out_dir()).expanduser().resolve())
-    images_dir = str(Path(images_dir.strip()).expanduser().resolve()) if (images_dir or "").strip() else None
-    if Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())
-    args = TrainArgs(model=model, data=sources, out=out, images_dir=images_dir, mode=mode,
-                     max_steps=int(max_steps) if max_steps else None, lr=float(lr) if lr else None,
+    args = TrainArgs(model=model, data=sources, out=(out or "").strip() or default_out_dir(),
+                     images_dir=(images_dir or "").strip() or None, mode=mode,
+                     max_steps=None if max_steps is None else int(max_steps), lr=None if lr is None else float(lr),
                      batch_size=int(batch_size), grad_accum=int(grad_accum), max_crops=int(max_crops),
                      lora_rank=int(lora_rank), lora_connector=bool(lora_connector),
                      eval_fraction=float(eval_fraction))
@@ -67,24 +64,50 @@ def start_run(get_model_source: Callable[[], str | None], base_model: str, data:
         args.validate()
     except ValueError as e:
         raise _error(str(e)) from None
-    key = out
+    args = absolute_paths(args)  # the run's log and status name exactly what was used
+    key = args.out
     with _lock:
         running = _procs.get(key)
         if running is not None and running.poll() is None:
-            raise _error(f"A run is already writing to {out}; stop it first or choose another output folder.")
+            raise _error(f"A run is already writing to {key}; stop it first or choose another output folder.")
         _procs[key] = start_background(args)
-    return key, f"Started: {mode} fine-tune of {model} -> {out} (pid {_procs[key].pid})."
+    return key, f"Started: {mode} fine-tune of {args.model} -> {key} (pid {_procs[key].pid})."
+
+
+def _training_rows(out: Path) -> list[dict]:
+    """The lines of OUT/metrics.jsonl that carry a step (a half-written or foreign line is skipped)."""
+    return [r for r in read_metrics(out / "metrics.jsonl") if isinstance(r, dict) and "step" in r]
+
+
+def _progress(rows: list[dict]) -> str:
+    """'step S, loss L, T tok/s' from the last training line of metrics.jsonl (fields it lacks are left out)."""
+    last = next((r for r in reversed(rows) if "loss" in r), None)
+    if last is None:
+        return "starting"
+    parts = [f"step {last['step']}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s")):
+        if isinstance(last.get(key), (int, float)):
+            parts.append(fmt.format(last[key]))
+    return ", ".join(parts)
+
+
+def _stopped_message(code: int | None, where: str) -> str:
+    if code == STOPPED_EXIT_CODE:
+        return f"Stopped at {where}: a checkpoint was saved; start again with the same folder to resume."
+    return (f"Ended with exit code {code} at {where} instead of stopping cleanly; see the log. Starting again with "
+            "the same folder resumes from the latest checkpoint, if there is one.")
 
 
 @user_errors("stopping the run")
 def stop_run(run_dir: str | None) -> str:
+    """Ask the run to stop (it saves a checkpoint and exports) and wait until its process has ended."""
     if not run_dir:
         return "No run started in this session."
     proc = _procs.get(run_dir)
     if proc is None or proc.poll() is not None:
         return "The run is not running."
     code = stop_background(proc)
-    return f"Stopped (exit code {code}); a checkpoint was saved, start again with the same folder to resume."
+    return _stopped_message(code, _progress(_training_rows(Path(run_dir))))
 
 
 @user_errors("reading the run's progress")
@@ -94,17 +117,18 @@ def poll_run(run_dir: str | None) -> tuple[str, str, pd.DataFrame]:
     if not run_dir:
         return "No run yet.", "", empty
     out = Path(run_dir)
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = _training_rows(out)
     data = [{"step": r["step"], "loss": r["loss"], "series": "train"} for r in rows if "loss" in r]
     data += [{"step": r["step"], "loss": r["eval_loss"], "series": "eval"} for r in rows if "eval_loss" in r]
     df = pd.DataFrame(data) if data else empty
     log = out / "train.log"
     tail = log.read_text(errors="replace")[-LOG_TAIL_CHARS:] if log.is_file() else ""
     proc = _procs.get(run_dir)
-    last = next((r for r in reversed(rows) if "loss" in r), None)
-    where = f"step {last['step']}, loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tok/s" if last else "starting"
+    where = _progress(rows)
     if proc is not None and proc.poll() is None:
         status = f"Running: {where}."
+    elif proc is not None and proc.returncode == STOPPED_EXIT_CODE:
+        status = _stopped_message(proc.returncode, where)
     elif (out / "final" / "config.json").is_file():
         status = f"Finished: {where}. The model is in {out / 'final'}."
     elif proc is not None:
@@ -148,12 +172,16 @@ def create_train_tab(get_model_source: Callable[[], str | None],
     with gr.Row():
         c["mode"] = gr.Radio(["lora", "qlora", "full"], value="lora", label="Mode",
                              info="QLoRA fits 7B on a 24 GB card; full needs ~130 GB for 7B")
-        c["max_steps"] = gr.Number(label="Max steps (blank = 4 epochs)", value=None, precision=0)
-        c["lr"] = gr.Number(label="LLM learning rate (blank = default)", value=None)
+        # value None + a placeholder: the field is empty (without a placeholder Gradio shows 0)
+        c["max_steps"] = gr.Number(label="Max steps (blank = 4 epochs)", value=None, precision=0, minimum=1,
+                                   placeholder="4 epochs", elem_id="train_max_steps")
+        c["lr"] = gr.Number(label="LLM learning rate (blank = default)", value=None,
+                            placeholder="2e-5 full, 1e-4 LoRA / QLoRA", elem_id="train_lr")
     with gr.Row():
         c["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, minimum=1)
         c["grad_accum"] = gr.Number(label="Gradient accumulation", value=8, precision=0, minimum=1)
-        c["max_crops"] = gr.Slider(1, 12, value=12, step=1, label="Max crops")
+        c["max_crops"] = gr.Slider(MAX_CROPS_MIN, MAX_CROPS_MAX, value=MAX_CROPS_DEFAULT, step=1, label="Max crops",
+                                   elem_id="train_max_crops")
         c["lora_rank"] = gr.Number(label="LoRA rank", value=16, precision=0, minimum=1)
         c["lora_connector"] = gr.Checkbox(label="LoRA on the connector too", value=False)
         c["eval_fraction"] = gr.Slider(0, 0.5, value=0.05, step=0.01, label="Held-out fraction")

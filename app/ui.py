@@ -17,6 +17,7 @@ import gradio as gr
 from molmo_core.prompts import DEFAULT_CAPTION_LENGTH_HINT
 
 from .annotate_tab import create_annotate_tab
+from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
 from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
 from .service import MolmoService
 from .train_tab import create_train_tab
@@ -123,8 +124,8 @@ def _model_tab(h: Handlers) -> list[gr.components.Component]:
                                  elem_id="model_source")
             quantize = gr.Radio(list(QUANTIZE_LABELS), value=next(iter(QUANTIZE_LABELS)),
                                 label="Precision / quantization", elem_id="model_quantize")
-            max_crops = gr.Slider(1, 36, value=12, step=1, label="Max crops (more = finer detail, more memory)",
-                                  elem_id="model_max_crops")
+            max_crops = gr.Slider(MAX_CROPS_MIN, MAX_CROPS_MAX, value=MAX_CROPS_DEFAULT, step=1,
+                                  label="Max crops (more = finer detail, more memory)", elem_id="model_max_crops")
             with gr.Row():
                 load = gr.Button("Load", variant="primary", elem_id="model_load")
                 refresh = gr.Button("Refresh status", elem_id="model_refresh")

@@ -1,9 +1,11 @@
-"""The Train tab: layout and api names, and a real background run driven through its handlers."""
+"""The Train tab: layout and api names, its form fields, real background runs driven through its handlers
+(finished and stopped), and `--finetune --background` with relative paths."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -11,6 +13,11 @@ import pytest
 from PIL import Image
 
 from molmo_core.tiny import write_tiny_checkpoint
+from molmo_core.train.cli import STOPPED_EXIT_CODE, absolute_paths
+from molmo_core.train.plot import read_metrics
+from molmo_core.train.recipe import TrainArgs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tab_builds_with_train_api_names():
@@ -29,8 +36,7 @@ def test_background_run_through_handlers(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt", "d")
-    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype("uint8")).save(tmp_path / "a.png")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a red cup"}) + "\n")
+    one_record(tmp_path)
     with pytest.raises(gr.Error, match="No base model"):
         train_tab.start_run(lambda: None, "", str(tmp_path / "d.jsonl"), "", str(tmp_path / "o"), "lora", 3, None, 1,
                             1, 1, 4, False, 0.0)
@@ -47,3 +53,137 @@ def test_background_run_through_handlers(tmp_path, monkeypatch):
     assert "Loading" in train_tab.load_result(run_dir, loaded.append)
     assert loaded == [os.path.join(run_dir, "final")]
     assert train_tab.stop_run(run_dir) == "The run is not running."
+
+
+# ----------------------------------------------------------------------------------------- form fields
+def _components(demo: gr.Blocks) -> dict[str, dict]:
+    """elem_id -> props of every component that has one."""
+    return {c["props"]["elem_id"]: c["props"] for c in demo.config["components"] if c.get("props", {}).get("elem_id")}
+
+
+def test_blank_number_fields_start_empty_and_mean_the_default(tmp_path, monkeypatch):
+    """Max steps and the learning rate start empty (a gr.Number without a value shows 0 unless it has a
+    placeholder), and the None a blank field sends reaches the trainer as 'use the default'."""
+    from app import train_tab
+
+    with gr.Blocks() as demo:
+        train_tab.create_train_tab(lambda: None, lambda path: None)
+    props = _components(demo)
+    for elem_id in ("train_max_steps", "train_lr"):
+        assert props[elem_id].get("value") is None and props[elem_id]["placeholder"], props[elem_id]
+
+    started: list[TrainArgs] = []
+    monkeypatch.setattr(train_tab, "start_background", lambda args: started.append(args) or FakeProc())
+    train_tab.start_run(lambda: "some/model", "", "clocks:4", "", str(tmp_path / "o"), "lora", None, None, 1, 1, 1, 4,
+                        False, 0.0)
+    assert started[0].max_steps is None and started[0].lr is None
+    assert started[0].resolved_lr() == 1e-4  # the LoRA default
+    with pytest.raises(gr.Error, match="max_steps must be >= 1; got 0"):
+        train_tab.start_run(lambda: "m", "", "clocks:4", "", str(tmp_path / "p"), "lora", 0, None, 1, 1, 1, 4, False,
+                            0.0)
+
+
+class FakeProc:
+    pid = 1234
+
+    def poll(self):
+        return None
+
+
+def test_max_crops_slider_has_the_model_tabs_range():
+    from app.service import MolmoService
+    from app.ui import build_demo
+
+    props = _components(build_demo(MolmoService()))
+    model, train = props["model_max_crops"], props["train_max_crops"]
+    assert (train["minimum"], train["maximum"], train["value"]) == (model["minimum"], model["maximum"],
+                                                                    model["value"])
+
+
+def test_status_without_tokens_per_s_still_shows_progress(tmp_path):
+    """A metrics line lacking tokens_per_s (older runs, hand-written files) must not break the status."""
+    from app import train_tab
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens_per_s": 50.0}) + "\n"
+                                            + json.dumps({"step": 2, "loss": 1.5}) + "\n"
+                                            + json.dumps({"step": 2, "eval_loss": 1.7}) + "\n")
+    status, _, df = train_tab.poll_run(str(tmp_path))
+    assert status == "Not running (step 2, loss 1.5000)."
+    assert list(df["step"]) == [1, 2, 2] and list(df["series"]) == ["train", "train", "eval"]
+
+
+# ----------------------------------------------------------------------------------------- stop
+def test_stop_from_the_tab_ends_the_run_and_no_more_steps_are_written(ckpt, tmp_path, monkeypatch):
+    """Start a long run through the tab's handler, stop it once it has logged two steps: the process (and its
+    process group) is gone, it saved a checkpoint at its last logged step, nothing is written to metrics.jsonl
+    after the stop, and the tab says it stopped (not finished, although a stopped run exports final/)."""
+    from app import train_tab
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = one_record(tmp_path)
+    max_steps = 10_000
+    run_dir, status = train_tab.start_run(lambda: str(ckpt), "", str(data), "", str(tmp_path / "out"), "lora",
+                                          max_steps, 1e-3, 1, 1, 1, 4, False, 0.0)
+    proc = train_tab._procs[run_dir]
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(logged_steps(metrics)) < 2:
+        time.sleep(0.1)
+    assert proc.poll() is None and len(logged_steps(metrics)) >= 2, (tmp_path / "out" / "train.log").read_text()
+
+    message = train_tab.stop_run(run_dir)
+    assert proc.poll() == STOPPED_EXIT_CODE, message
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # the run's whole process group ended, not only the process we started
+    steps = logged_steps(metrics)
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < max_steps
+    assert message.startswith(f"Stopped at step {steps[-1]}")
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == f"step-{steps[-1]:07d}"
+    written = metrics.read_bytes()
+    time.sleep(1.0)
+    assert metrics.read_bytes() == written
+    status, _, _ = train_tab.poll_run(run_dir)
+    assert status.startswith(f"Stopped at step {steps[-1]}") and not train_tab.is_running(run_dir)
+    assert train_tab.stop_run(run_dir) == "The run is not running."
+
+
+def one_record(folder: Path) -> Path:
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype("uint8")).save(folder / "a.png")
+    (folder / "d.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a red cup"}) + "\n")
+    return folder / "d.jsonl"
+
+
+def logged_steps(metrics: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(metrics) if "loss" in r]
+
+
+# ----------------------------------------------------------------------------------------- --background
+def test_absolute_paths_resolve_local_paths_only(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    args = TrainArgs(model="ckpt", data=["d.jsonl", "clocks:5"], eval_data=["e.jsonl"], out="runs/a",
+                     images_dir="imgs")
+    got = absolute_paths(args, cwd=tmp_path)
+    assert got.model == str(tmp_path / "ckpt") and got.out == str(tmp_path / "runs" / "a")
+    assert got.data == [str(tmp_path / "d.jsonl"), "clocks:5"] and got.eval_data == [str(tmp_path / "e.jsonl")]
+    assert got.images_dir == str(tmp_path / "imgs")
+    assert absolute_paths(TrainArgs(model="allenai/Molmo-7B-D-0924"), cwd=tmp_path).model == "allenai/Molmo-7B-D-0924"
+
+
+def test_background_cli_resolves_relative_out_and_data_against_the_callers_cwd(ckpt, tmp_path, monkeypatch):
+    """`--finetune --background --data d.jsonl --out run` from another directory than the repository: the
+    child process reads tmp/d.jsonl and writes tmp/run (not ROOT/run)."""
+    from molmo_core.train import cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one_record(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    started = []
+    real = cli.start_background
+    monkeypatch.setattr(cli, "start_background", lambda args: started.append(real(args)) or started[-1])
+    assert cli.main(["--finetune", "--background", "--model", str(ckpt), "--data", "d.jsonl", "--out", "run",
+                     "--max-steps", "1", "--max-crops", "1", "--eval-fraction", "0", "--no-export"]) == 0
+    assert started[0].wait(120) == 0, (tmp_path / "run" / "train.log").read_text()
+    assert logged_steps(tmp_path / "run" / "metrics.jsonl") == [1]
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+    assert str(tmp_path / "d.jsonl") in (tmp_path / "run" / "train.log").read_text()
+    assert not (ROOT / "run").exists()

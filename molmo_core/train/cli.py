@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ import typing
 from pathlib import Path
 
 from .recipe import TrainArgs
+
+STOPPED_EXIT_CODE = 130  # the run was asked to stop (SIGTERM / SIGINT), saved a checkpoint and exported
 
 
 def _field_docs() -> dict[str, str]:
@@ -91,10 +94,34 @@ def to_argv(args: TrainArgs) -> list[str]:
     return out
 
 
+_SYNTHETIC_SOURCE = re.compile(r"^[a-z_]+:")  # clocks:N and the like, not files
+
+
+def absolute_paths(args: TrainArgs, cwd: str | Path | None = None) -> TrainArgs:
+    """A copy of `args` whose local paths are absolute, resolved against `cwd` (default: the current directory):
+    out, images_dir, every data / eval_data source except synthetic ones (`clocks:N`), and model when it names
+    an existing folder (a hub id stays as it is). The background process runs from another directory, and the
+    run's log names exactly the files used."""
+    base = Path(cwd if cwd is not None else os.getcwd())
+
+    def absolute(path: str) -> str:
+        return str((base / Path(path).expanduser()).resolve())
+
+    def source(s: str) -> str:
+        return s if _SYNTHETIC_SOURCE.match(s) and not (base / s).exists() else absolute(s)
+
+    model = absolute(args.model) if args.model and (base / Path(args.model).expanduser()).exists() else args.model
+    return dataclasses.replace(args, model=model, out=absolute(args.out) if args.out else args.out,
+                               images_dir=absolute(args.images_dir) if args.images_dir else args.images_dir,
+                               data=[source(s) for s in args.data], eval_data=[source(s) for s in args.eval_data])
+
+
 def start_background(args: TrainArgs, python: str | None = None) -> subprocess.Popen:
-    """Start the run as a child process; stdout and stderr go to OUT/train.log."""
+    """Start the run as a child process (paths resolved against the caller's directory first, see
+    `absolute_paths`); stdout and stderr go to OUT/train.log."""
     args.validate()
-    out = Path(args.out).expanduser()
+    args = absolute_paths(args)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train.log", "ab")
     root = Path(__file__).resolve().parents[2]
@@ -134,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if ns.background:
+        args = absolute_paths(args)
         proc = start_background(args)
         print(f"training in the background: pid {proc.pid}, log {Path(args.out) / 'train.log'}")
         return 0
@@ -151,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                "final": str(result.final) if result.final else None, "stopped": result.stopped}
     if os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
         print("done: " + json.dumps(summary))
-    return 130 if result.stopped else 0
+    return STOPPED_EXIT_CODE if result.stopped else 0
 
 
 def _shutdown_distributed(wait_for_all: bool) -> None:

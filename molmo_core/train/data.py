@@ -2,7 +2,7 @@
 
 A *record* is one image plus its annotations (a caption, spoken transcripts, a clock time, points, ...).
 An *example* is one packed token sequence for one record, built as in the Molmo captioner recipe
-(`../shared/reference/molmo_v1.md` sections 8.1 and 8.3):
+(allenai/molmo `launch_scripts/train_captioner.py`, packing as in `olmo/data/model_preprocessor.py`):
 
     BOS <image tokens> | prompt_1 answer_1 EOS | prompt_2 answer_2 EOS | ...
     subsegment:  10000 |        1              |        2              |      (BOS copies the image's)
@@ -14,9 +14,9 @@ sequence without its last token, targets the sequence shifted by one; the loss m
 tokens and their EOS only.
 
 Caption prompts carry the length hint on 90 % of examples: `"long_caption {n}:"` / `"transcript {n}:"`
-with `n = (len(text) + int(N(0, 25))) // 15`, else `"long_caption :"` (section 8.1). With
+with `n = (len(text) + int(N(0, 25))) // 15`, else `"long_caption :"` (the captioner's prompts). With
 `prompt_format="chat"` each prompt is wrapped the way the released models were fine-tuned
-(`" User: {prompt} Assistant:"`, section 6.2); the default `"captioner"` gives
+(`" User: {prompt} Assistant:"`, "role" formatting); the default `"captioner"` gives
 the captioner's raw `" {prompt}"` form, which the app's Caption tab uses (`runner.stream(..., template="none")`).
 
 Sources (`load_records`):
@@ -314,7 +314,7 @@ def load_records(sources: str | Path | Sequence[str | Path], images_dir: str | P
 # ----------------------------------------------------------------------------------------- examples
 @dataclass
 class ExampleOptions:
-    prompt_format: str = "captioner"  # "captioner" (" p", section 8.1) or "chat" (" User: p Assistant:")
+    prompt_format: str = "captioner"  # "captioner" (" p", as the captioner) or "chat" (" User: p Assistant:")
     hint_prob: float = 0.9  # fraction of caption examples with a length hint
     hint_noise_chars: float = 25.0  # std of the Gaussian jitter added to the length before // 15
     annotations: str = "all"  # "all" | "paper" (caption + one random transcript) | "captions"
@@ -324,7 +324,7 @@ class ExampleOptions:
 
 
 def caption_user_text(kind: str, text: str, rng: np.random.Generator, opts: ExampleOptions) -> str:
-    """`"{style} {hint}:"` with probability hint_prob, else `"{style} :"` (section 8.1)."""
+    """`"{style} {hint}:"` with probability hint_prob, else `"{style} :"` (as the captioner was trained)."""
     if rng.random() < opts.hint_prob:
         jitter = int(rng.normal(0.0, opts.hint_noise_chars)) if opts.hint_noise_chars > 0 else 0
         hint = max(0, (len(text) + jitter) // CHARS_PER_LENGTH_UNIT)

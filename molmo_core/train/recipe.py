@@ -1,6 +1,6 @@
 """The training recipe: arguments, parameter groups, learning-rate schedule, clipping, loss, dropout.
 
-Follows the Molmo captioner recipe (`../shared/reference/molmo_v1.md` section 8.1) by default:
+Follows the Molmo captioner recipe (allenai/molmo `launch_scripts/train_captioner.py`) by default:
 
   * three components with their own learning rate and warmup: connector (pooling, projector, pad
     embeddings, `wte.new_embedding`), ViT (`vision_backbone.image_vit`), LLM (embeddings, blocks, ln_f,
@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 # (connector ratio, ViT ratio, warmups (connector, ViT, LLM)) per recipe, relative to the LLM rate.
 RECIPES: dict[str, tuple[float, float, tuple[int, int, int]]] = {
-    "captioner": (10.0, 0.3, (200, 2000, 2000)),  # 2e-4 / 6e-6 / 2e-5, section 8.1
-    "finetune": (0.5, 0.5, (200, 200, 200)),  # 5e-6 / 5e-6 / 1e-5, section 8.2
+    "captioner": (10.0, 0.3, (200, 2000, 2000)),  # 2e-4 / 6e-6 / 2e-5, train_captioner.py
+    "finetune": (0.5, 0.5, (200, 200, 200)),  # 5e-6 / 5e-6 / 1e-5, train_multitask_model.py
 }
 COMPONENTS = ("connector", "vit", "llm")
 
@@ -51,7 +51,8 @@ class TrainArgs:
     mode: str = "lora"
     """lora | qlora (4-bit base + LoRA) | full."""
     recipe: str = "captioner"
-    """Learning-rate ratios and warmups: captioner (section 8.1) or finetune (section 8.2)."""
+    """Learning-rate ratios and warmups: captioner (PixMo-Cap pre-training) or finetune (the released models'
+    multitask stage)."""
     lr: float | None = None
     """LLM learning rate (default 2e-5 for full, 1e-4 for LoRA/QLoRA); connector and ViT follow the recipe."""
     connector_lr_ratio: float | None = None
@@ -85,7 +86,7 @@ class TrainArgs:
     max_caption_chars: int = 6000
     """Longer captions/transcripts are truncated with a warning."""
     prompt_format: str = "captioner"
-    """captioner: raw ' long_caption 40:' (section 8.1; what the app's Caption tab sends, template "none");
+    """captioner: raw ' long_caption 40:' (the captioner's; what the app's Caption tab sends, template "none");
     chat: ' User: long_caption 40: Assistant:' (the released models' chat wrapper, template "role")."""
     hint_prob: float = 0.9
     """Fraction of caption examples whose prompt carries the length hint."""
@@ -155,7 +156,10 @@ class TrainArgs:
             (bool(self.data), "--data is required (parquet, JSONL, folder or clocks:N)"),
             (bool(self.out), "--out is required (the output folder)"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1; got {self.max_steps} (leave it "
+                                                             "out to train epochs over the data)"),
+            (self.lr is None or self.lr > 0, f"lr must be > 0; got {self.lr} (leave it out for the default: 2e-5 "
+                                             "full, 1e-4 LoRA / QLoRA)"),
             (0 <= self.hint_prob <= 1, "hint_prob must be within 0..1"),
             (all(c in COMPONENTS for c in self.freeze), f"freeze takes {COMPONENTS}; got {self.freeze}"),
             (not self.fsdp or self.mode == "full", "fsdp shards full fine-tunes only: use --mode full, or drop "
@@ -176,7 +180,7 @@ class TrainArgs:
 
 # ----------------------------------------------------------------------------------------- parameter groups
 def component_of(name: str) -> str:
-    """Parameter name (ours, possibly with LoRA infixes) -> connector | vit | llm (section 8.1 groups)."""
+    """Parameter name (ours, possibly with LoRA infixes) -> connector | vit | llm (the captioner's groups)."""
     if "vision_backbone.image_vit" in name:
         return "vit"
     if "vision_backbone." in name or "wte.new_embedding" in name:
