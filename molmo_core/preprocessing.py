@@ -386,6 +386,34 @@ def image_token_count(h: int, w: int, max_crops: int = 12, layout: CropLayout = 
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
+def bpe_from_vocab_merges(path: Path, class_name: str | None):
+    """A `tokenizers.Tokenizer` from vocab.json + merges.txt (+ added_tokens.json / tokenizer_config.json),
+    for folders without tokenizer.json (public copies of the 7B-D folder are like that).
+
+    Built by the transformers class that tokenizer_config.json names (`Qwen2Tokenizer` for 7B-D and 72B,
+    `GPT2Tokenizer` for MolmoE), so the pre-tokenizer and added tokens are what transformers itself would
+    build from these files. Never through AutoTokenizer: it reads config.json, whose `auto_map` names the
+    checkpoint's remote code, and asks "run custom code? [y/N]" on a terminal. No remote code runs here.
+
+    Raises:
+        ValueError: tokenizer_class is missing, unknown, or not a class that can be built from these files.
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    cls = tokenizer_class_from_name(class_name) if class_name else None
+    why = f"names tokenizer_class {class_name!r}, which transformers does not know" if class_name else \
+        "names no tokenizer_class"
+    if cls is not None:
+        try:
+            return cls.from_pretrained(str(path))._tokenizer
+        except (OSError, ValueError) as e:
+            why = f"names tokenizer_class {class_name!r}, which could not be built from them ({' '.join(str(e).split())})"
+    raise ValueError(f"{path} has vocab.json + merges.txt but no tokenizer.json, and its tokenizer_config.json "
+                     f"{why}. Expected a byte-level BPE class such as 'Qwen2Tokenizer' (Molmo-7B-D, 72B) or "
+                     "'GPT2Tokenizer' (MolmoE-1B). Copy the checkpoint's tokenizer.json into the folder, or set "
+                     "tokenizer_class in tokenizer_config.json.")
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     im_start: int
@@ -429,11 +457,7 @@ class MolmoTokenizer:
 
             backend = Tokenizer.from_file(str(path / "tokenizer.json"))
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            # No fast tokenizer file (e.g. copies of the 7B-D folder): let transformers convert
-            # vocab.json + merges.txt (+ added_tokens.json) exactly as the official loader does.
-            from transformers import AutoTokenizer
-
-            backend = AutoTokenizer.from_pretrained(str(path))._tokenizer
+            backend = bpe_from_vocab_merges(path, cfg.get("tokenizer_class"))
         else:
             raise FileNotFoundError(f"No tokenizer.json (or vocab.json + merges.txt) in {path}.")
         return cls(backend, eos_token=eos, bos_token=bos)
