@@ -16,7 +16,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from molmo_core.clocks import CLEAN_STYLE, render_clock
+from molmo_core.synthetic.clocks import CLEAN_STYLE, render_clock
 from molmo_core.outputs import Point
 
 __all__ = [

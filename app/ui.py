@@ -98,7 +98,7 @@ def example_images(folder: Path = ASSETS) -> tuple[list[list[str]], list[str]]:
 
 
 def _rendered_clocks(n: int = 3) -> list[str]:
-    from molmo_core.clocks import random_clock
+    from molmo_core.synthetic.clocks import random_clock
 
     out = Path(tempfile.gettempdir()) / "molmo_studio" / "clock_examples"
     out.mkdir(parents=True, exist_ok=True)

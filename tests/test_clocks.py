@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from molmo_core import clocks
-from molmo_core.clocks import (
+from molmo_core.synthetic import clocks
+from molmo_core.synthetic.clocks import (
     CLEAN_STYLE,
     MINUTE_HAND_LENGTH,
     ClockStyle,
@@ -169,7 +169,7 @@ def test_random_clock_labels_are_valid():
 def test_cli_writes_images_and_labels(tmp_path):
     out = tmp_path / "clocks"
     result = subprocess.run(
-        [sys.executable, "-m", "molmo_core.clocks", "--out", str(out), "--n", "3", "--size", "64", "--seed", "5"],
+        [sys.executable, "-m", "molmo_core.synthetic.clocks", "--out", str(out), "--n", "3", "--size", "64", "--seed", "5"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr

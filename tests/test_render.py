@@ -13,7 +13,7 @@ from app.render import (
     label_colors,
     marker_radius,
 )
-from molmo_core.clocks import CLEAN_STYLE, render_clock
+from molmo_core.synthetic.clocks import CLEAN_STYLE, render_clock
 from molmo_core.outputs import Point, format_points, parse_points
 
 BG = (90, 140, 60)

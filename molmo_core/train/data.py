@@ -24,7 +24,7 @@ Sources (`load_records`):
     / `image_sha256`) with images in a local folder (by path, by URL file name, or by sha256 name);
   * JSONL of `{"image": ..., "caption": ..., "transcripts": [...]}`, `{"image", "label", "points"}` (points
     in percent unless `"point_scale": "pixels"`), or `{"image", "question", "answer"}`;
-  * `clocks:N` -> N synthetic clocks from `molmo_core.clocks.random_clock` ("What time is being shown?").
+  * `clocks:N` -> N synthetic clocks from `molmo_core.synthetic.clocks.random_clock` ("What time is being shown?").
 Records whose image is missing are skipped and counted (`DataReport`).
 """
 
@@ -248,9 +248,9 @@ def load_jsonl(path: Path, images_dir: Path | None, max_chars: int, report: Data
 def clock_records(n: int, seed: int = 0, size: int = 384) -> list[Record]:
     """N synthetic clocks ("clocks: What time is being shown?" -> "H:MM[:SS]")."""
     try:
-        from ..clocks import random_clock
+        from ..synthetic.clocks import random_clock
     except ImportError as e:  # the renderer is optional
-        raise DataError(f"clocks:{n} needs molmo_core.clocks, which failed to import ({e}).") from e
+        raise DataError(f"clocks:{n} needs molmo_core.synthetic.clocks, which failed to import ({e}).") from e
     records = []
     for i in range(n):
         s = seed * 1_000_003 + i

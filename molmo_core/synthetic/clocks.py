@@ -9,7 +9,7 @@ and small fine-tuning sets:
   shape, shadow, background); :meth:`ClockStyle.random` samples one from a seed.
 * :func:`render_clock` draws a time in a style; :func:`random_clock` also picks the time.
 
-Command line: ``python -m molmo_core.clocks --out DIR --n N`` writes ``clock_00000.png`` …
+Command line: ``python -m molmo_core.synthetic.clocks --out DIR --n N`` writes ``clock_00000.png`` …
 and ``labels.jsonl`` (one ``{"file": ..., "time": "H:MM[:SS]", ...}`` per line).
 
 >>> hand_angles(3, 0)

@@ -1,0 +1,10 @@
+"""Synthetic data generators: the home of every generator of training and evaluation data.
+
+Each generator draws images together with exact labels from a seed, so the same seed always gives the
+same example, and needs nothing beyond PIL and numpy (no model, no network):
+
+* `clocks`: analog clock faces with their time (PixMo-Clocks style); `python -m molmo_core.synthetic.clocks`
+  writes a labelled set. The trainer's `--data clocks:N` and the app's clock examples use it.
+
+New generators (e.g. shapes with exact masks for pointing and counting evaluations) belong here too.
+"""
