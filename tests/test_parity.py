@@ -4,7 +4,8 @@ checkpoints). Everything goes through the production path: `molmo_core.load` (th
 
 Two sources:
   * tests/data/parity/  -- a few cases copied into the repo (reduced arrays), always run;
-  * ../shared/parity/molmo_v1/ (or $MOLMO_PARITY_DIR) -- the full set, run when present (CI has it).
+  * $MOLMO_PARITY_DIR, else a `shared/parity/molmo_v1/` folder next to the repository -- the full set
+    (every case of the three variants), run when present (CI has it).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ HERE = Path(__file__).parent
 LOCAL = HERE / "data" / "parity"
 SHARED = Path(os.environ.get("MOLMO_PARITY_DIR", HERE.parent.parent / "shared" / "parity" / "molmo_v1"))
 
-LOGITS_TOL = 1e-3
-CROPS_TOL = 1e-3
+# The README's figures (max |dlogits| 3.5e-5 in float32, max |dcrops| 2.4e-7) with a small margin, so a
+# regression of a few times fails here.
+LOGITS_TOL = 5e-5
+CROPS_TOL = 5e-7
 
 
 def _cases(root: Path) -> list[tuple[Path, str]]:
