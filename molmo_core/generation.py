@@ -122,9 +122,9 @@ def pooled_cache(model: Molmo, batch_size: int, max_len: int) -> KVCache:
 
 
 def can_compile(model: Molmo) -> bool:
-    """torch.compile needs a working C++ toolchain on CPU and does not help the MoE's data-dependent
-    expert loop; everything else falls back to eager."""
-    if model.config.text.is_moe:
+    """torch.compile needs a working C++ toolchain on CPU; MolmoE compiles when its experts can be stacked
+    (not quantized or LoRA-wrapped: those keep the data-dependent expert loop). Everything else runs eager."""
+    if model.config.text.is_moe and not all(b.mlp.stackable() for b in model.transformer.blocks):
         return False
     try:
         import torch._inductor  # noqa: F401
@@ -210,32 +210,44 @@ def greedy_uncached(model: Molmo, batch: Batch, n: int) -> list[int]:
 
 
 class TextStreamer:
-    """Turns token ids into text deltas; holds back incomplete UTF-8 and text that may start a stop string."""
+    """Turns token ids into text deltas; holds back incomplete UTF-8 and text that may start a stop string.
+
+    Incremental: each token decodes only a short window of ids (from `prefix`, the first id whose text
+    may still change, to the end), so a long answer streams in time linear in its length; the text is
+    the same as decoding all ids at once (the window starts on a token boundary whose text is final)."""
 
     def __init__(self, tokenizer: MolmoTokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
+        self.prefix = 0  # ids[:prefix] decode to final text
+        self.read = 0  # ids[:read] are in self.text
+        self.text = ""  # decode(ids[:read]), complete characters only
         self.emitted = 0
         self.stopped = False
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        old = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        new = self.tokenizer.decode(self.ids[self.prefix:])
+        text = self.text + new[len(old):]
+        scanned = len(self.text)
         for s in self.stop:
-            cut = text.find(s)
+            cut = text.find(s, max(0, scanned - len(s) + 1))
             if cut >= 0:
                 self.stopped = True
                 return self._emit(text[:cut])
-        if text.endswith("\ufffd"):
-            return ""
+        if text.endswith("\ufffd") or len(new) <= len(old):
+            return ""  # an incomplete character (or nothing yet): wait for the next token
+        self.text, self.prefix, self.read = text, self.read, len(self.ids)
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return self._emit(text[: len(text) - hold])
 
     def flush(self) -> str:
         if self.stopped:
             return ""
-        return self._emit(self.tokenizer.decode(self.ids))
+        old = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return self._emit(self.text + self.tokenizer.decode(self.ids[self.prefix:])[len(old):])
 
     def _emit(self, text: str) -> str:
         delta = text[self.emitted:]

@@ -156,14 +156,33 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """`blocks.{i}.mlp` of MolmoE: ff_norm -> router -> top-k experts, weights not renormalised."""
+    """`blocks.{i}.mlp` of MolmoE: ff_norm -> router -> top-k experts, weights not renormalised.
+
+    Training (grad enabled) groups tokens by expert, one matmul per used expert: a Python loop with a
+    data-dependent trip count, fine for long sequences but impossible to compile or graph-capture.
+    Inference reads the experts from stacked tensors instead (gate|up: (E, 2H, D), down: (E, H, D)),
+    with no loop and no host sync, so the decode step compiles and runs in a CUDA graph:
+      * where `torch._grouped_mm` runs (CPU, where torch.compile traces it in bf16 only; Hopper GPUs in
+        bf16): rows sorted by expert, one grouped GEMM per projection; each used expert is read once,
+        results equal the loop's;
+      * elsewhere, decode batches only: M = tokens * top_k <= E / 3 gathers the chosen experts' weights
+        (two batched matmuls); up to DENSE_MAX_TOKENS tokens run every expert with unchosen ones weighted
+        0; longer inputs keep the loop.
+    Each expert's `gate_proj` / `up_proj` / `down_proj` weight becomes a view of the stacks, so the
+    checkpoint keys and memory stay as they were. Stacking happens on the first inference call after
+    loading; experts that are trainable, quantized or LoRA-wrapped are never stacked (they loop).
+    """
+
+    DENSE_MAX_TOKENS = 64
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.top_k = cfg.moe_top_k
+        self.n_experts = cfg.moe_num_experts
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.gate = nn.Linear(cfg.d_model, cfg.moe_num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.moe_expert_hidden) for _ in range(cfg.moe_num_experts))
+        self._stack: tuple | None = None  # (w_gu, w_down, expert 0's gate weight when stacked, grouped-GEMM ok)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -171,12 +190,96 @@ class SparseMoE(nn.Module):
         probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)  # (N, n_experts)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = weights.to(h.dtype)
+        N, M = h.shape[0], h.shape[0] * self.top_k
+        stack = None if torch.is_grad_enabled() else self.stacked()  # stacked at the (eager) prefill
+        if stack is not None and self._stack[3] and (h.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
+            out = self._grouped(h, weights, chosen, *stack)  # (the compiler traces it for bf16 only)
+        elif stack is None or N > self.DENSE_MAX_TOKENS:
+            out = self._loop(h, weights, chosen)
+        elif 3 * M <= self.n_experts:
+            out = self._gathered(h, weights, chosen, *stack)
+        else:
+            out = self._dense(h, weights, chosen, *stack)
+        return out.view(B, T, D)
+
+    def _loop(self, h: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(h)
-        # Group tokens by expert: one matmul per used expert instead of a loop over tokens.
-        for e in chosen.unique().tolist():
+        for e in chosen.unique().tolist():  # one matmul per used expert
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             out.index_add_(0, rows, self.experts[e](h[rows]) * weights[rows, slot, None])
-        return out.view(B, T, D)
+        return out
+
+    @staticmethod
+    def _grouped(h, weights, chosen, w_gu, w_down) -> torch.Tensor:
+        """One grouped GEMM per projection over the rows sorted by expert: each used expert's weights are
+        read once, no gathered copy, no loop; exact w.r.t. the loop (same per-expert matmuls)."""
+        k = chosen.shape[1]
+        flat = chosen.reshape(-1)  # (M,)
+        order = flat.argsort()
+        offs = torch.bincount(flat, minlength=w_gu.shape[0]).cumsum(0).to(torch.int32)  # (E,) group ends
+        rows = order // k  # (M,) token of each sorted row
+        gate, up = torch._grouped_mm(h[rows], w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (M, H) each
+        y = torch._grouped_mm(F.silu(gate) * up, w_down, offs=offs)  # (M, D)
+        return torch.zeros_like(h).index_add_(0, rows, y * weights.reshape(-1)[order, None])
+
+    @staticmethod
+    def _gathered(h, weights, chosen, w_gu, w_down) -> torch.Tensor:
+        """h (N, D), chosen (N, k) -> (N, D): the k chosen experts' weights gathered, two batched matmuls."""
+        N, k = chosen.shape
+        flat = chosen.reshape(-1)  # (M,)
+        a = h.repeat_interleave(k, dim=0)  # (M, D), row r = token r // k
+        gate, up = torch.bmm(w_gu[flat], a[:, :, None]).squeeze(-1).chunk(2, dim=-1)  # (M, H) each
+        y = torch.bmm((F.silu(gate) * up)[:, None], w_down[flat]).squeeze(1)  # (M, D)
+        return (y.view(N, k, -1) * weights[..., None]).sum(1)
+
+    @staticmethod
+    def _dense(h, weights, chosen, w_gu, w_down) -> torch.Tensor:
+        """Every expert on every row; the routing weights of unchosen experts are 0."""
+        E, H2, D = w_gu.shape
+        gate, up = (h @ w_gu.reshape(E * H2, D).T).view(-1, E, H2).chunk(2, dim=-1)  # (N, E, H) each
+        route = torch.zeros(h.shape[0], E, dtype=h.dtype, device=h.device).scatter(1, chosen, weights)  # (N, E)
+        act = F.silu(gate) * up * route[..., None]  # (N, E, H)
+        return act.reshape(h.shape[0], -1) @ w_down.reshape(-1, D)  # (N, E*H) @ (E*H, D)
+
+    def stackable(self) -> bool:
+        """Plain, frozen float Linear experts (as loaded for inference); trained or wrapped ones are not."""
+        if not all(type(m) is nn.Linear for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj)):
+            return False
+        first = self.experts[0].gate_proj.weight
+        return not first.is_meta and first.is_floating_point() and not first.requires_grad
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The experts' weights as (E, 2H, D) gate|up and (E, H, D) down, built once after loading; None
+        when the experts are not plain float Linear layers (quantized, LoRA-wrapped, on meta)."""
+        first = getattr(self.experts[0].gate_proj, "weight", None)
+        if self._stack is not None and self._stack[2] is first:
+            return self._stack[:2]
+        if not self.stackable():
+            return None
+        with torch.no_grad():
+            w_gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+            w_down = torch.stack([e.down_proj.weight.T for e in self.experts])  # (E, H, D)
+            H = w_down.shape[1]
+            for i, e in enumerate(self.experts):  # each expert's weights become views of the stacks
+                e.gate_proj.weight = nn.Parameter(w_gu[i, :H], requires_grad=e.gate_proj.weight.requires_grad)
+                e.up_proj.weight = nn.Parameter(w_gu[i, H:], requires_grad=e.up_proj.weight.requires_grad)
+                e.down_proj.weight = nn.Parameter(w_down[i].T, requires_grad=e.down_proj.weight.requires_grad)
+        self._stack = (w_gu, w_down, self.experts[0].gate_proj.weight, _grouped_mm_ok(w_gu))
+        return w_gu, w_down
+
+
+def _grouped_mm_ok(w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs for this device and dtype (CPU; Hopper GPUs in bf16): probed once."""
+    if not hasattr(torch, "_grouped_mm") or (w.is_cuda and (w.dtype != torch.bfloat16
+                                                             or torch.cuda.get_device_capability(w.device)[0] < 9)):
+        return False
+    try:
+        a = torch.ones(4, 16, dtype=w.dtype, device=w.device)
+        b = torch.ones(2, 16, 16, dtype=w.dtype, device=w.device)
+        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=w.device))
+        return bool((out == 16).all())
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class MoEBlock(nn.Module):
