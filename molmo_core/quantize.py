@@ -2,14 +2,15 @@
 
 Only the decoder blocks' projections are quantized. The vision tower, the connector, the embeddings,
 ln_f and the LM head stay in bf16: community 4-bit Molmo checkpoints skip the same modules, and a
-quantized ViT is known to ruin accuracy (`../shared/reference/molmo_v1.md`, pitfall 4). Tensors are
+quantized ViT is known to ruin accuracy (the `llm_int8_skip_modules` of the community NF4 checkpoints, e.g.
+`SeanScripts/Molmo-72B-0924-nf4`, list the vision backbone, ff_out and ln_f). Tensors are
 quantized one at a time while streaming, so the full bf16 decoder is never resident on the GPU.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-import warnings
 from typing import Callable
 
 import torch
@@ -17,7 +18,26 @@ from torch import nn
 
 from .errors import CheckpointError
 
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# bitsandbytes logs this on every 8-bit matmul whose input is not float16 (ours are bf16 by design: fp16
+# overflows in Molmo), i.e. several times per layer per token. Dropped from that one logger only, and only
+# once an 8-bit model is prepared; nothing else is filtered.
+CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
+BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _silence_8bit_cast_message() -> None:
+    logger = logging.getLogger(BNB_MATMUL_LOGGER)
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage(CAST_MESSAGE))
 
 QUANTIZED = re.compile(
     r"^transformer\.blocks\.\d+\.(?:attn\.)?(?:att_proj|attn_out|ff_proj|ff_out)\.weight$"
@@ -42,6 +62,8 @@ class Quantizer:
     def prepare(self, model: nn.Module) -> None:
         """Swap the target nn.Linear modules (still on meta) for bitsandbytes layers."""
         bnb = self.bnb
+        if self.mode == "8bit":
+            _silence_8bit_cast_message()
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or not QUANTIZED.match(name + ".weight"):
                 continue

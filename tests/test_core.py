@@ -251,6 +251,27 @@ def test_quantized_decoder_only(tiny, mode):
     assert len(steps) == 4 and all(t.shape == (1,) for t in steps)  # the quantized decoder decodes
 
 
+def test_8bit_cast_message_is_dropped_and_no_global_warning_filter(tiny, caplog):
+    pytest.importorskip("bitsandbytes")
+    from molmo_core.quantize import BNB_MATMUL_LOGGER, CAST_MESSAGE
+
+    code = ("import warnings, torch, bitsandbytes\n"
+            "before = list(warnings.filters)\n"
+            "import molmo_core, molmo_core.quantize\n"
+            "print(warnings.filters == before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("True"), out.stdout + out.stderr[-2000:]
+    q = molmo_core.load(tiny["d"], device="cpu", dtype=torch.bfloat16, quantize="8bit")
+    with caplog.at_level("WARNING"):
+        q.generate(None, "Hello", max_new_tokens=2)
+        import logging
+
+        logging.getLogger(BNB_MATMUL_LOGGER).warning("another bitsandbytes message")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if m.startswith(CAST_MESSAGE)]
+    assert "another bitsandbytes message" in messages  # only that one message is dropped
+
+
 # ------------------------------------------------------------------------------------------ serving
 def test_concurrent_requests_are_batched_and_correct(runner_d):
     import threading
