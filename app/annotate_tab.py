@@ -8,7 +8,6 @@ event has an ``api_name`` starting with ``annotate_`` for gradio_client. User-fa
 from __future__ import annotations
 
 import copy
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from annotate.protocol import GUIDING_QUESTIONS, TimerRules, blocking, check_rec
 from annotate.store import AlreadyAnnotatedError, Store, StoreError, check_annotator
 
 from .handlers import USER_ERRORS, user_errors
+from .tempfiles import new_temp_file
 
 CAPTION_MAX_NEW_TOKENS = 400
 
@@ -227,7 +227,7 @@ class AnnotateHandlers:
             audio = record(float(seconds), device=index)
         except (AudioDeviceError, ValueError) as e:
             raise _error(str(e)) from None
-        out = Path(tempfile.mkdtemp(prefix="molmo-local-mic-")) / "recording.wav"
+        out = new_temp_file("recordings", "local-mic", ".wav")  # pruned after a day
         write_wav(audio, out)
         return str(out), self.check(str(out))
 

@@ -9,7 +9,6 @@ Every event has an `api_name`, so `gradio_client` can drive the app:
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from .annotate_tab import create_annotate_tab
 from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
 from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
 from .service import MolmoService
+from .tempfiles import GRADIO_DELETE_CACHE, temp_dir
 from .train_tab import create_train_tab
 
 log = logging.getLogger("molmo_studio")
@@ -100,8 +100,7 @@ def example_images(folder: Path = ASSETS) -> tuple[list[list[str]], list[str]]:
 def _rendered_clocks(n: int = 3) -> list[str]:
     from molmo_core.synthetic.clocks import random_clock
 
-    out = Path(tempfile.gettempdir()) / "molmo_studio" / "clock_examples"
-    out.mkdir(parents=True, exist_ok=True)
+    out = temp_dir("clock_examples")  # re-rendered below when pruned
     paths = []
     for seed in range(n):
         path = out / f"clock_{seed}.png"
@@ -280,7 +279,7 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
         default_tab = "point" if service.status().loaded or service.status().load.phase == "loading" else "model"
     if default_tab not in TAB_IDS:
         raise ValueError(f"default_tab must be one of {TAB_IDS}, got {default_tab!r}.")
-    with gr.Blocks(title="Molmo Studio", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Molmo Studio", analytics_enabled=False, delete_cache=GRADIO_DELETE_CACHE) as demo:
         gr.Markdown("## Molmo Studio\nPoint, count, read clocks, caption and chat with Molmo.")
         if notice:
             gr.Markdown(notice, elem_id="startup_notice")
