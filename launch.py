@@ -61,7 +61,7 @@ def _download_hint(hub_id: str) -> str:
 
 
 def choose_startup_model() -> StartupChoice:
-    """DESIGN.md start-up rule: Molmo-7B-D in bf16 on a large GPU, 4-bit on a small one; on CPU
+    """The start-up rule (docs/design.md): Molmo-7B-D in bf16 on a large GPU, 4-bit on a small one; on CPU
     MolmoE-1B if its weights are already here, otherwise a clear "no GPU" notice (nothing loads)."""
     import torch
 

@@ -2,8 +2,8 @@
 
 PixMo-Cap annotators described each image aloud for 60-90 seconds (at first at least 60 s
 with three annotators per image, later one annotator for 90 s), guided by seven questions
-(arXiv 2409.17146; see ``shared/reference/landscape.md`` section 3.4). Everything here is
-pure: no I/O, no Gradio.
+(the Molmo/PixMo paper, arXiv 2409.17146, section on PixMo-Cap: at first glance, objects and counts,
+text, positions, subtle details, background, style and colour). Everything here is pure: no I/O, no Gradio.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Test helpers for the annotation mode: a tiny random faster-whisper model built offline,
 espeak-ng speech, image folders, a free port, and a small standalone annotate app.
 
-The tiny Whisper follows ``shared/reference/offline_testing.md`` section 3: a byte-level BPE
+The tiny Whisper is built the way CTranslate2 converts a real one: a byte-level BPE
 tokenizer with Whisper's multilingual special-token layout (51865 ids, ``""`` at 50256), a tiny
 ``WhisperForConditionalGeneration`` with random weights, CTranslate2 int8 conversion, then
 ``lang_ids`` patched into the ct2 config. It is built once per machine into a cache folder under
