@@ -5,8 +5,9 @@ a checkpoint in the official format.
     python -m molmo_core.train --model ... --data ... --out ...          (same CLI)
 
 Modules, in data-flow order: `data` (records -> examples -> batches), `recipe` (TrainArgs, parameter groups,
-schedule, clipping, loss, text-only dropout), `lora` (peft adapters, QLoRA, merging), `loop` (Trainer:
-setup / fit / validate / checkpoints / export), `export` (official checkpoint folder), `plot`, `cli`.
+schedule, clipping, loss, text-only dropout), `lora` (peft adapters, QLoRA, merging), `dist` (one process, DDP
+or FSDP: one strategy object per mode), `loop` (Trainer: setup / fit / validate / checkpoints / export), `export`
+(official checkpoint folder), `plot`, `cli`.
 """
 
 from .recipe import TrainArgs

@@ -36,7 +36,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -168,31 +168,32 @@ def load_parquet(path: Path, images_dir: Path | None, max_chars: int, report: Da
     folders = [f for f in (images_dir, path.parent, path.parent.parent) if f is not None]
     records = []
     if {"label", "points"} <= cols:  # pixmo-points shaped: percent coordinates (the Molmo code's convention)
-        for i, row in enumerate(table.to_pylist()):
-            img = _find_image([row.get("image_path")] + _url_candidates(row.get("image_url"))
-                              + _sha_candidates(row.get("image_sha256")), folders)
-            if img is None:
-                _missing(report, row.get("image_url") or f"row {i}")
-                continue
-            rec = point_record(img, row["label"], row["points"], "percent", f"{path.name} row {i}")
-            records.append(rec)
+        for source, row, img in _rows_with_images(path, table, folders, report):
+            records.append(point_record(img, row["label"], row["points"], "percent", source))
         return records
     need = {"image_url", "caption", "transcripts"}
     if not need <= cols:
         raise DataError(f"{path} is not PixMo-Cap shaped: missing column(s) {sorted(need - cols)}; found "
                         f"{table.column_names}. Expected at least image_url, caption, transcripts "
                         "(or label, points for pointing data).")
+    for source, row, img in _rows_with_images(path, table, folders, report):
+        rec = caption_record(img, row.get("caption"), row.get("transcripts"), source, max_chars, report)
+        if rec is not None:
+            records.append(rec)
+    return records
+
+
+def _rows_with_images(path: Path, table, folders: list[Path],
+                      report: DataReport) -> Iterator[tuple[str, dict, Path]]:
+    """(source name, row, image file) for every parquet row whose image is found (by image_path, the URL's file
+    name or the sha256 name); the others are counted as missing in `report`."""
     for i, row in enumerate(table.to_pylist()):
         img = _find_image([row.get("image_path")] + _url_candidates(row.get("image_url"))
                           + _sha_candidates(row.get("image_sha256")), folders)
         if img is None:
             _missing(report, row.get("image_url") or f"row {i}")
             continue
-        rec = caption_record(img, row.get("caption"), row.get("transcripts"), f"{path.name} row {i}", max_chars,
-                             report)
-        if rec is not None:
-            records.append(rec)
-    return records
+        yield f"{path.name} row {i}", row, img
 
 
 def point_record(image, label: str, points, scale: str, source: str, size: tuple[int, int] | None = None) -> Record:
