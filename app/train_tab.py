@@ -8,6 +8,7 @@ starting with `train_`. User-facing failures are `gr.Error` with what to do.
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import threading
 import time
@@ -37,15 +38,31 @@ def _split(text: str | None) -> list[str]:
     return [s.strip() for s in (text or "").replace("\n", ",").split(",") if s.strip()]
 
 
+def _optional_number(value: str | float | None, label: str, default: str, whole: bool = False) -> float | int | None:
+    """The number typed into an optional field; None (the trainer's default) when it is left blank."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or (whole and not number.is_integer()):
+        kind = "a whole number" if whole else "a number"
+        raise _error(f"{label}: {text!r} is not {kind}. Type {kind} (e.g. {'500' if whole else '2e-5'}), or leave "
+                     f"the field blank for the default ({default}).")
+    return int(number) if whole else number
+
+
 def default_out_dir() -> str:
     return str(Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S"))
 
 
 @user_errors("starting the run")
 def start_run(get_model_source: Callable[[], str | None], base_model: str, data: str, images_dir: str, out: str,
-              mode: str, max_steps: float | None, lr: float | None, batch_size: float, grad_accum: float,
+              mode: str, max_steps: str | float | None, lr: str | float | None, batch_size: float, grad_accum: float,
               max_crops: float, lora_rank: float, lora_connector: bool, eval_fraction: float) -> tuple[str, str]:
-    """Start a background run; returns (run folder, status text). A blank max_steps / lr (None) means the
+    """Start a background run; returns (run folder, status text). A blank max_steps / lr ("" or None) means the
     trainer's default; relative paths are resolved against the app's working directory."""
     model = (base_model or "").strip() or (get_model_source() or "")
     if not model:
@@ -56,7 +73,8 @@ def start_run(get_model_source: Callable[[], str | None], base_model: str, data:
                      "a folder of those, or clocks:N.")
     args = TrainArgs(model=model, data=sources, out=(out or "").strip() or default_out_dir(),
                      images_dir=(images_dir or "").strip() or None, mode=mode,
-                     max_steps=None if max_steps is None else int(max_steps), lr=None if lr is None else float(lr),
+                     max_steps=_optional_number(max_steps, "Max steps", "4 epochs", whole=True),
+                     lr=_optional_number(lr, "LLM learning rate", "2e-5 full, 1e-4 LoRA / QLoRA"),
                      batch_size=int(batch_size), grad_accum=int(grad_accum), max_crops=int(max_crops),
                      lora_rank=int(lora_rank), lora_connector=bool(lora_connector),
                      eval_fraction=float(eval_fraction))
@@ -173,10 +191,11 @@ def create_train_tab(get_model_source: Callable[[], str | None],
         c["mode"] = gr.Radio(["lora", "qlora", "full"], value="lora", label="Mode",
                              info="QLoRA fits 7B on a 24 GB card; full needs ~130 GB for 7B")
         # value None + a placeholder: the field is empty (without a placeholder Gradio shows 0)
-        c["max_steps"] = gr.Number(label="Max steps (blank = 4 epochs)", value=None, precision=0, minimum=1,
-                                   placeholder="4 epochs", elem_id="train_max_steps")
-        c["lr"] = gr.Number(label="LLM learning rate (blank = default)", value=None,
-                            placeholder="2e-5 full, 1e-4 LoRA / QLoRA", elem_id="train_lr")
+        # Textboxes, not gr.Number: a Number's page shows 0 when its value is None, so "blank" could not be typed
+        c["max_steps"] = gr.Textbox(label="Max steps (blank = 4 epochs)", value="", placeholder="4 epochs",
+                                    elem_id="train_max_steps")
+        c["lr"] = gr.Textbox(label="LLM learning rate (blank = default)", value="",
+                             placeholder="2e-5 full, 1e-4 LoRA / QLoRA", elem_id="train_lr")
     with gr.Row():
         c["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, minimum=1)
         c["grad_accum"] = gr.Number(label="Gradient accumulation", value=8, precision=0, minimum=1)

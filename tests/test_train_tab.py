@@ -18,6 +18,7 @@ from molmo_core.train.plot import read_metrics
 from molmo_core.train.recipe import TrainArgs
 
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
 
 
 def test_tab_builds_with_train_api_names():
@@ -61,26 +62,61 @@ def _components(demo: gr.Blocks) -> dict[str, dict]:
     return {c["props"]["elem_id"]: c["props"] for c in demo.config["components"] if c.get("props", {}).get("elem_id")}
 
 
-def test_blank_number_fields_start_empty_and_mean_the_default(tmp_path, monkeypatch):
-    """Max steps and the learning rate start empty (a gr.Number without a value shows 0 unless it has a
-    placeholder), and the None a blank field sends reaches the trainer as 'use the default'."""
+def test_optional_fields_start_blank_and_blank_means_the_default(tmp_path, monkeypatch):
+    """Max steps and the learning rate start blank, a blank field reaches the trainer as None (its default), and
+    anything but a number is refused with what to type."""
     from app import train_tab
 
     with gr.Blocks() as demo:
         train_tab.create_train_tab(lambda: None, lambda path: None)
     props = _components(demo)
     for elem_id in ("train_max_steps", "train_lr"):
-        assert props[elem_id].get("value") is None and props[elem_id]["placeholder"], props[elem_id]
+        assert props[elem_id].get("value") in (None, "") and props[elem_id]["placeholder"], props[elem_id]
 
     started: list[TrainArgs] = []
     monkeypatch.setattr(train_tab, "start_background", lambda args: started.append(args) or FakeProc())
-    train_tab.start_run(lambda: "some/model", "", "clocks:4", "", str(tmp_path / "o"), "lora", None, None, 1, 1, 1, 4,
-                        False, 0.0)
-    assert started[0].max_steps is None and started[0].lr is None
+
+    def start(max_steps, lr, out: str):
+        return train_tab.start_run(lambda: "some/model", "", "clocks:4", "", str(tmp_path / out), "lora", max_steps,
+                                   lr, 1, 1, 1, 4, False, 0.0)
+
+    start("", " ", "a")
+    start(None, None, "b")
+    start("500", "3e-4", "c")
+    assert [(a.max_steps, a.lr) for a in started] == [(None, None), (None, None), (500, 3e-4)]
     assert started[0].resolved_lr() == 1e-4  # the LoRA default
+    with pytest.raises(gr.Error, match=r"Max steps: '12.5' is not a whole number. Type a whole number \(e.g. 500\)"):
+        start("12.5", "", "d")
+    with pytest.raises(gr.Error, match="LLM learning rate: 'fast' is not a number.*blank for the default"):
+        start("", "fast", "e")
     with pytest.raises(gr.Error, match="max_steps must be >= 1; got 0"):
-        train_tab.start_run(lambda: "m", "", "clocks:4", "", str(tmp_path / "p"), "lora", 0, None, 1, 1, 1, 4, False,
-                            0.0)
+        start("0", "", "f")
+
+
+@pytest.mark.browser
+def test_optional_fields_show_blank_in_the_browser():
+    """What the page shows: empty inputs (a gr.Number whose value is None is drawn as 0 by Gradio's frontend)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from app import train_tab
+
+    with gr.Blocks() as demo:
+        train_tab.create_train_tab(lambda: None, lambda path: None)
+    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            page.goto(url, wait_until="load")
+            for elem_id in ("train_max_steps", "train_lr"):
+                field = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+                field.wait_for(timeout=30000)
+                assert field.input_value() == "", elem_id
+            browser.close()
+    finally:
+        demo.close()
 
 
 class FakeProc:
