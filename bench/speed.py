@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from molmo_core.config import MolmoConfig
-from molmo_core.generation import Batch, GenerationOptions, collate, generate_tokens
+from molmo_core.generation import Batch, GenerationOptions, can_compile, collate, generate_tokens
 from molmo_core.model import Molmo
 from molmo_core.preprocessing import ProcessedInput, SpecialTokens, process_image
 from molmo_core.tiny import VARIANTS, init_random_
@@ -45,8 +45,13 @@ def peak_memory(device: torch.device) -> int:
 
 def build(config: MolmoConfig, device: torch.device, dtype: torch.dtype, quantize: str | None) -> Molmo:
     if device.type == "cuda":
-        with torch.device(device):
-            model = Molmo(config).to(dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # created in `dtype` on the GPU: no float32 copy of a 7B model
+        try:
+            with torch.device(device):
+                model = Molmo(config)
+        finally:
+            torch.set_default_dtype(default)
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
@@ -67,11 +72,12 @@ def build(config: MolmoConfig, device: torch.device, dtype: torch.dtype, quantiz
                 module, _, attr = name.rpartition(".")
                 model.get_submodule(module)._parameters[attr] = torch.nn.Parameter(weights[name], requires_grad=False)
         del weights
-    return model.eval()
+    return model.eval().requires_grad_(False)  # frozen, as loaded for inference (MolmoE then stacks its experts)
 
 
-def fake_inputs(config: MolmoConfig, batch: int, image: bool) -> Batch:
-    """Token ids from the real layout (random text tokens), crops from a random 1024x768 image."""
+def fake_inputs(config: MolmoConfig, batch: int, image: bool, hw: tuple[int, int] = (768, 1024)) -> Batch:
+    """Token ids from the real layout (random text tokens), crops from a random image (1024x768: 12 crops
+    + the global view)."""
     V = config.text.vocab_size
     sp = SpecialTokens(V, V + 1, V + 2, V + 3, V + 4, bos=V - 1, eos=V - 1)
     rng = np.random.default_rng(0)
@@ -81,7 +87,7 @@ def fake_inputs(config: MolmoConfig, batch: int, image: bool) -> Batch:
         if not image:
             items.append(ProcessedInput(np.array([sp.bos] + text), None, None, None))
             continue
-        img = process_image(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8), special=sp,
+        img = process_image(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), special=sp,
                             crop_size=config.vision.image_size, patch=config.vision.patch_size)
         ids = np.concatenate([[sp.bos], img.image_tokens, text])
         idx = np.where(img.patch_positions >= 0, img.patch_positions + 1, -100)
@@ -165,7 +171,7 @@ def main(config: str = "mid", device: str = "cpu", quantize: str | None = None, 
         rows.append((bsz, label, "eager, no KV cache (baseline)", base, 1.0))
         eager = time_decode(model, batch, steps, cache=True, compile=False, device=dev)
         rows.append((bsz, label, "eager, static KV cache", eager, eager / base))
-        if not no_compile and cfg.text.moe_num_experts == 0:
+        if not no_compile and can_compile(model):
             time_decode(model, batch, steps, cache=True, compile=True, device=dev)  # compile + warm-up (same shapes)
             comp = time_decode(model, batch, steps, cache=True, compile=True, device=dev)
             rows.append((bsz, label, "compiled, static KV cache", comp, comp / base))

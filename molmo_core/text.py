@@ -275,7 +275,7 @@ def _grouped_mm_ok(w: torch.Tensor) -> bool:
         return False
     try:
         a = torch.ones(4, 16, dtype=w.dtype, device=w.device)
-        b = torch.ones(2, 16, 16, dtype=w.dtype, device=w.device)
+        b = torch.ones(2, 16, 16, dtype=w.dtype, device=w.device).transpose(1, 2)  # as the gate|up stack is read
         out = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=w.device))
         return bool((out == 16).all())
     except (RuntimeError, NotImplementedError):
