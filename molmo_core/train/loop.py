@@ -155,6 +155,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Seed, choose the distribution strategy, load the model, the data and the optimizer, resume from
+        checkpoints/latest when there is one; returns self."""
         a = self.args
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(a.seed)
