@@ -407,7 +407,8 @@ def bpe_from_vocab_merges(path: Path, class_name: str | None):
         try:
             return cls.from_pretrained(str(path))._tokenizer
         except (OSError, ValueError) as e:
-            why = f"names tokenizer_class {class_name!r}, which could not be built from them ({' '.join(str(e).split())})"
+            reason = " ".join(str(e).split())
+            why = f"names tokenizer_class {class_name!r}, which could not be built from them ({reason})"
     raise ValueError(f"{path} has vocab.json + merges.txt but no tokenizer.json, and its tokenizer_config.json "
                      f"{why}. Expected a byte-level BPE class such as 'Qwen2Tokenizer' (Molmo-7B-D, 72B) or "
                      "'GPT2Tokenizer' (MolmoE-1B). Copy the checkpoint's tokenizer.json into the folder, or set "

@@ -83,12 +83,11 @@ def resolve_checkpoint(source: str | os.PathLike, progress: ProgressFn | None = 
     except LocalEntryNotFoundError:
         pass  # not cached at all
     if is_offline_mode():
+        offline = "the hub is offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"
         if incomplete:
-            raise CheckpointError(f"{text} is only partly downloaded: {incomplete}\nThe hub is offline "
-                                  f"(HF_HUB_OFFLINE is set), so the missing files cannot be fetched here. "
-                                  + _download_hint(text))
-        raise CheckpointError(f"The checkpoint {text} is not on this machine and the hub is offline "
-                              f"(HF_HUB_OFFLINE is set). " + _download_hint(text))
+            raise CheckpointError(f"{text} is only partly downloaded: {incomplete}\nThe missing files cannot be "
+                                  f"fetched here: {offline}. " + _download_hint(text))
+        raise CheckpointError(f"The checkpoint {text} is not on this machine and {offline}. " + _download_hint(text))
     try:
         if progress:
             progress(0.0, f"Downloading {text} from the Hugging Face hub...")

@@ -54,7 +54,7 @@ def test_offline_hub_cache_complete_partial_and_missing(tmp_path):
     assert partial.startswith("ERROR allenai/Molmo-7B-D-0924 is only partly downloaded"), partial
     assert "missing shard(s) model-00002-of-00002.safetensors" in partial
     assert str(hf_home / "hub" / "models--allenai--Molmo-7B-D-0924" / "snapshots" / COMMIT) in partial
-    assert "hub is offline (HF_HUB_OFFLINE is set)" in partial
+    assert "cannot be fetched here: the hub is offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)" in partial
     assert "`hf download allenai/Molmo-7B-D-0924 --local-dir ./checkpoints/Molmo-7B-D-0924`" in partial
     assert "not on this machine" not in partial
 
