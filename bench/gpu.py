@@ -188,7 +188,7 @@ def train_step(run: Run, model, res: dict, prefix: str) -> None:
         times.append(time.perf_counter() - t)
     res[f"{prefix}step_s"] = round(min(times[1:]), 3)
     res[f"{prefix}tokens_per_s"] = round(T / min(times[1:]), 1)
-    res[f"{prefix}loss"] = round(float(total / n), 3)
+    res[f"{prefix}loss"] = round(float(total.detach() / n), 3)
     res[f"{prefix}seq_len"] = T
     res[f"{prefix}peak_gib"] = gib(peak_memory(run.device))
 
@@ -273,7 +273,7 @@ def compare_official(run: Run, model, res: dict) -> None:
                            last_only=True)[:, -1].float()
     res["logits_max_abs_diff"] = float((our_logits - logits).abs().max())
     res["logits_rel_diff"] = float((our_logits - logits).norm() / logits.norm())
-    res["greedy_equal_prefix"] = int((torch.cumprod((ours == toks).int(), 1)).sum())
+    res["greedy_equal_prefix"] = int((torch.cumprod((ours == toks.cpu()).int(), 1)).sum())
     res["greedy_tokens"] = n
     res["ttft_ms"] = round(ttft * 1e3, 1)
     res["decode_b1"] = round(rate, 1)

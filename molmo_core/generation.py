@@ -92,6 +92,11 @@ def compiled_decode_step(model: Molmo):
     CUDA, mode "reduce-overhead" adds CUDA graphs (the cache tensors have static addresses)."""
     fn = model.__dict__.get("_compiled_decode")
     if fn is None:
+        # One graph per (batch size, cache bucket) and per loaded model: the scheduler's batch sizes 1-8
+        # alone exceed dynamo's default of 8 recompiles, after which it silently falls back to compiling
+        # every block on its own (and, with the layer index specialised, to eager after 8 layers).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
         mode = "reduce-overhead" if model.device.type == "cuda" else None
         fn = torch.compile(functools.partial(decode_step, model), mode=mode, dynamic=False)
         model.__dict__["_compiled_decode"] = fn
@@ -141,11 +146,16 @@ def can_compile(model: Molmo) -> bool:
 def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Sequence[GenerationOptions]",
                     eos_id: int | None = None, suppress: Sequence[int] = (),
                     compile: bool = False) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,) per step, until every row is done.
+    """Yield the next token of every row, (B,) int64 on the CPU per step, until every row is done.
 
     `opts` may be one GenerationOptions for the whole batch or one per row (own max_new_tokens,
     temperature, top_p, seed). A row is done after EOS or its own max_new_tokens; done rows keep
-    receiving EOS (or -1 without an EOS id), which the caller ignores."""
+    receiving EOS (or -1 without an EOS id), which the caller ignores.
+
+    The GPU never waits for Python: each step's tokens and done flags are copied to the host
+    asynchronously, the next decode step is queued behind the copies, and only then does the loop wait
+    for the copies and yield (so the caller's work on token t overlaps the GPU computing token t+1; when
+    a row hits EOS one step may be computed for nothing)."""
     batch = batch.to(model.device, model.dtype)
     B, L = batch.input_ids.shape
     rows = list(opts) if isinstance(opts, (list, tuple)) else [opts] * B
@@ -169,6 +179,8 @@ def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Seque
     stop_eos = torch.tensor([o.stop_on_eos and eos_id is not None for o in rows], device=model.device)
     filler = eos_id if eos_id is not None else -1
     step_fn = compiled_decode_step(model) if compile else functools.partial(decode_step, model)
+    slots = torch.arange(L, L + n_steps, device=model.device)  # cache slot of each decode step's input
+    copied = torch.cuda.Event() if model.device.type == "cuda" else None
 
     valid = batch.input_ids != -1
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -186,13 +198,18 @@ def generate_tokens(model: Molmo, batch: Batch, opts: "GenerationOptions | Seque
             tok = torch.stack([sample(logits[b:b + 1].float(), rows[b].temperature, rows[b].top_p, gens[b])[0]
                                for b in range(B)])
         tok = torch.where(done, torch.full_like(tok, filler), tok)
-        yield tok
-        done |= (stop_eos & (tok == filler)) | (step + 1 >= limit)
-        if bool(done.all()) or step + 1 >= n_steps:
+        done = done | (stop_eos & (tok == filler)) | (step + 1 >= limit)
+        tok_host, all_done = tok.to("cpu", non_blocking=True), done.all().to("cpu", non_blocking=True)
+        if copied is not None:
+            copied.record()
+        if step + 1 < n_steps:  # queued now; runs while the host handles this step's tokens
+            logits = step_fn(tok.clamp(min=0)[:, None], next_pos, slots[step:step + 1], cache)
+            next_pos = next_pos + 1
+        if copied is not None:
+            copied.synchronize()
+        yield tok_host
+        if bool(all_done) or step + 1 >= n_steps:
             return
-        slot = torch.tensor([L + step], device=model.device)
-        logits = step_fn(tok.clamp(min=0)[:, None], next_pos, slot, cache)
-        next_pos = next_pos + 1
 
 
 @torch.inference_mode()

@@ -214,9 +214,10 @@ class SparseMoE(nn.Module):
         """One grouped GEMM per projection over the rows sorted by expert: each used expert's weights are
         read once, no gathered copy, no loop; exact w.r.t. the loop (same per-expert matmuls)."""
         k = chosen.shape[1]
-        flat = chosen.reshape(-1)  # (M,)
-        order = flat.argsort()
-        offs = torch.bincount(flat, minlength=w_gu.shape[0]).cumsum(0).to(torch.int32)  # (E,) group ends
+        sorted_experts, order = chosen.reshape(-1).sort()  # (M,)
+        experts = torch.arange(w_gu.shape[0], device=h.device)
+        # (E,) group ends; searchsorted keeps a static shape (bincount's data-dependent one breaks the graph)
+        offs = torch.searchsorted(sorted_experts, experts, right=True).to(torch.int32)
         rows = order // k  # (M,) token of each sorted row
         gate, up = torch._grouped_mm(h[rows], w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (M, H) each
         y = torch._grouped_mm(F.silu(gate) * up, w_down, offs=offs)  # (M, D)
