@@ -267,7 +267,7 @@ def choose_strategy(args: TrainArgs) -> SingleProcess:
     """The strategy for this process, from the launcher's environment (WORLD_SIZE, ACCELERATE_USE_FSDP) and args.
 
     Raises:
-        ValueError: FSDP was asked for (the accelerate config says FSDP) by a LoRA / QLoRA run.
+        ValueError: FSDP was asked for (--fsdp, or an accelerate config that says FSDP) by a LoRA / QLoRA run.
     """
     cuda = torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
