@@ -5,33 +5,27 @@ seconds. What only shows with several ranks (splitting the batch, reducing gradi
 two processes in test_train_fsdp.py."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 from safetensors.torch import load_file
 
 from molmo_core.train import TrainArgs, Trainer
 from molmo_core.train import dist as strategies
 from molmo_core.train import loop as train_loop
 
+from train_helpers import caption_records
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CAPTIONS = ["a red cup", "two dogs", "a blue car", "a white cat"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dist-data")
-    for i in range(len(CAPTIONS)):
-        Image.fromarray((np.random.default_rng(i).random((40, 56, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
-    path = folder / "d.jsonl"
-    path.write_text("".join(json.dumps({"image": f"{i}.png", "caption": c}) + "\n" for i, c in enumerate(CAPTIONS)))
-    return path
+    return caption_records(tmp_path_factory.mktemp("dist-data"))
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ export and reload; resuming after a crash reproduces the uninterrupted losses; a
 FSDP2 over a one-process NCCL group give the single-process losses."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 import molmo_core
 from molmo_core.train import TrainArgs, Trainer
 from molmo_core.train import dist as strategies
 from molmo_core.train import loop as train_loop
 
+from train_helpers import caption_records
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="requires CUDA")
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
-CAPTIONS = ["a red cup", "two dogs", "a blue car", "a white cat"]
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at its first use
 
 
@@ -36,12 +35,7 @@ def deterministic():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gpu-data")
-    for i in range(len(CAPTIONS)):
-        Image.fromarray((np.random.default_rng(i).random((40, 56, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
-    path = folder / "d.jsonl"
-    path.write_text("".join(json.dumps({"image": f"{i}.png", "caption": c}) + "\n" for i, c in enumerate(CAPTIONS)))
-    return path
+    return caption_records(tmp_path_factory.mktemp("gpu-data"))
 
 
 def cuda_args(ckpt: Path, data: Path, out: Path, **kw) -> TrainArgs:
