@@ -14,6 +14,7 @@ The server listens on 127.0.0.1 unless --host says otherwise; --share is off by 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,9 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
     """
     from app import CSS, MolmoService, build_demo
     from molmo_core.preprocessing import MAX_FILE_BYTES
+
+    # Unexpected errors in handlers are logged with their traceback and a reference the user sees.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     credentials = None
     if auth:

@@ -13,10 +13,7 @@ import functools
 import inspect
 import json
 import logging
-import tempfile
-import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
@@ -30,6 +27,7 @@ from molmo_core.outputs import Point, parse_points, strip_tags
 
 from .render import draw_clock_face, draw_count_badge, draw_points
 from .service import MolmoService, NoModelError, ServiceBusyError, prepare_image
+from .tempfiles import new_temp_file
 
 log = logging.getLogger("molmo_studio")
 
@@ -111,9 +109,7 @@ def count_markdown(n: int | None, phrase: str = "") -> str:
 
 def write_json(result: dict, stem: str) -> str:
     """Write `result` to a fresh temp file (for the download button) and return its path."""
-    folder = Path(tempfile.gettempdir()) / "molmo_studio"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6:06d}.json"
+    path = new_temp_file("downloads", stem, ".json")  # in the app's temp folder, pruned after a day
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return str(path)
 

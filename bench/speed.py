@@ -15,21 +15,42 @@ Weights are random (nothing is downloaded); shapes and code paths are the real o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 import torch
 
-from molmo_core.config import MolmoConfig
+from molmo_core.config import ConnectorConfig, MolmoConfig, TextConfig
 from molmo_core.generation import Batch, GenerationOptions, can_compile, collate, generate_tokens
 from molmo_core.model import Molmo
 from molmo_core.preprocessing import ProcessedInput, SpecialTokens, process_image
+from molmo_core.text import SparseMoE
 from molmo_core.tiny import VARIANTS, init_random_
 
-CONFIGS = {"tiny": VARIANTS["d"], "mid": VARIANTS["mid"], "7b-d": MolmoConfig.from_name("Molmo-7B-D-0924"),
+# MolmoE's routing (64 experts, top 8, QK-norm) at a width a CPU handles: ~1 B parameters in float32.
+MID_E = MolmoConfig(text=TextConfig(d_model=1024, n_layers=8, n_heads=16, n_kv_heads=16, head_dim=64, mlp_hidden=1024,
+                                    vocab_size=32768, embedding_size=32768, rope_theta=1e4, norm_eps=1e-5,
+                                    qkv_bias=False, qk_norm=True, moe_num_experts=64, moe_top_k=8,
+                                    moe_expert_hidden=512),
+                    vision=VARIANTS["mid"].vision, connector=ConnectorConfig(projector_hidden=1024), resize="torch",
+                    crop_mask="moe")
+CONFIGS = {"tiny": VARIANTS["d"], "mid": VARIANTS["mid"], "mid-e": MID_E,
+           "7b-d": MolmoConfig.from_name("Molmo-7B-D-0924"),
            "7b-o": MolmoConfig.from_name("Molmo-7B-O-0924"), "72b": MolmoConfig.from_name("Molmo-72B-0924"),
            "1b-e": MolmoConfig.from_name("MolmoE-1B-0924")}
 BANDWIDTH_GBS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "4090": 1008, "3090": 936}
+
+
+@contextlib.contextmanager
+def old_expert_loop():
+    """MolmoE's previous decode path, as the baseline: the per-expert Python loop for every call."""
+    orig = SparseMoE.stacked
+    SparseMoE.stacked = lambda self: None
+    try:
+        yield
+    finally:
+        SparseMoE.stacked = orig
 
 
 def sync(device: torch.device) -> None:
@@ -169,6 +190,10 @@ def main(config: str = "mid", device: str = "cpu", quantize: str | None = None, 
         label = "image prompt" if bsz == 1 else "text prompts"
         base = time_decode(model, batch, baseline_steps, cache=False, compile=False, device=dev)
         rows.append((bsz, label, "eager, no KV cache (baseline)", base, 1.0))
+        if cfg.text.is_moe:
+            with old_expert_loop():
+                loop = time_decode(model, batch, steps, cache=True, compile=False, device=dev)
+            rows.append((bsz, label, "eager, cache, expert loop (old)", loop, loop / base))
         eager = time_decode(model, batch, steps, cache=True, compile=False, device=dev)
         rows.append((bsz, label, "eager, static KV cache", eager, eager / base))
         if not no_compile and can_compile(model):

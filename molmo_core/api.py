@@ -11,7 +11,7 @@ import torch
 
 from .config import MolmoConfig
 from .errors import CheckpointError
-from .generation import GenerationOptions, can_compile
+from .generation import GenerationOptions, can_compile, release_compiled
 from .model import Molmo
 from .preprocessing import MolmoProcessor, MolmoTokenizer, ProcessedInput
 from .serving import BatchScheduler
@@ -82,6 +82,8 @@ class MolmoRunner:
 
     def close(self) -> None:
         self.scheduler.close()
+        if self.model is not None:
+            release_compiled(self.model)
         self.model = None  # type: ignore[assignment]
         gc.collect()
         if torch.cuda.is_available():

@@ -103,6 +103,16 @@ def compiled_decode_step(model: Molmo):
     return fn
 
 
+def release_compiled(model: Molmo) -> None:
+    """Drop the compiled decode step and its pooled caches. On CUDA, the CUDA-graph trees keep the
+    weights they captured alive until dynamo is reset, so closing a compiled model resets it (one model
+    is served at a time)."""
+    fn = model.__dict__.pop("_compiled_decode", None)
+    model.__dict__.pop("_cache_pool", None)
+    if fn is not None and model.device.type == "cuda":
+        torch._dynamo.reset()
+
+
 CACHE_BUCKET = 256
 CACHE_POOL = 4
 
