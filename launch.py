@@ -6,6 +6,7 @@
     python launch.py --annotate ./my_project      # open on the Annotate tab with that project
     python launch.py --finetune ...               # the embedded trainer (molmo_core.train.cli)
     python launch.py --export-pixmo-cap ./my_project out.parquet
+    python launch.py --eval --model A [--model B] --task point --data shapes:100 --out runs/eval
 
 The server listens on 127.0.0.1 unless --host says otherwise; --share is off by default and
 --auth user:password adds a login.
@@ -176,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", metavar="FOLDER", help="open on the Annotate tab with this project folder")
     p.add_argument("--finetune", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run the trainer: everything after --finetune goes to molmo_core.train.cli")
+    p.add_argument("--eval", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="evaluate models or saved answers: everything after --eval goes to molmo_core.eval.cli")
     p.add_argument("--export-pixmo-cap", nargs=2, metavar=("FOLDER", "OUT_PARQUET"),
                    help="export an annotation project as PixMo-Cap parquet")
     return p
@@ -187,6 +190,10 @@ def cli(argv: list[str] | None = None) -> int:
         from molmo_core.train.cli import main as train_main
 
         return int(train_main(args.finetune) or 0)
+    if args.eval is not None:
+        from molmo_core.eval.cli import main as eval_main
+
+        return int(eval_main(args.eval) or 0)
     if args.export_pixmo_cap:
         from annotate.cli import main_export
 
