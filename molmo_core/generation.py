@@ -137,9 +137,12 @@ def pooled_cache(model: Molmo, batch_size: int, max_len: int) -> KVCache:
 
 
 def can_compile(model: Molmo) -> bool:
-    """torch.compile needs a working C++ toolchain on CPU; MolmoE compiles when its experts can be stacked
-    (not quantized or LoRA-wrapped: those keep the data-dependent expert loop). Everything else runs eager."""
-    if model.config.text.is_moe and not all(b.mlp.stackable() for b in model.transformer.blocks):
+    """torch.compile needs a working C++ toolchain on CPU. MolmoE compiles on GPUs when its experts can be
+    stacked (not quantized or LoRA-wrapped: those keep the data-dependent expert loop); on the CPU its
+    eager grouped GEMM is faster than the compilable gathered/dense forms (measured per layer: N=8 tokens
+    33 ms grouped vs 228-352 ms), so it stays eager there. Everything else that cannot compile runs eager."""
+    if model.config.text.is_moe and (model.device.type != "cuda"
+                                     or not all(b.mlp.stackable() for b in model.transformer.blocks)):
         return False
     try:
         import torch._inductor  # noqa: F401

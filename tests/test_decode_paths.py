@@ -86,8 +86,13 @@ def runner_e():
 
 @pytest.mark.slow
 def test_moe_decode_step_compiles_without_graph_breaks_and_matches_eager(runner_e):
-    if not can_compile(runner_e.model):
+    """The policy (can_compile) keeps MolmoE eager on the CPU, where its grouped GEMM is fastest; the
+    compilable forms that GPUs use are proven here on the CPU."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("torch.compile needs a C++ compiler on CPU")
+    assert not can_compile(runner_e.model)
     img = np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)
     batch = collate([runner_e.process(img, "Describe this image.")])
     opts = GenerationOptions(10, stop_on_eos=False)
