@@ -146,6 +146,13 @@ def decode_rates(run: Run, model, res: dict, prefix: str = "", eager: bool = Tru
                 time_decode(model, batch, run.steps, cache=True, compile=True, device=run.device), 1)
 
 
+def random_model(run: Run, shapes: str, res: dict, quantize: str | None = None):
+    torch.manual_seed(0)
+    model = build(run.config(shapes), run.device, run.dtype, quantize)
+    res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+    return model
+
+
 def ttft_ms(run: Run, model) -> float:
     return round(time_to_first_token(model, inputs(run, model.config, 1, image=True), run.device,
                                      repeats=1 if run.dry_run else 3) * 1e3, 1)
@@ -218,9 +225,7 @@ def section_dense(run: Run) -> None:
     with run.section("7b-d", 60) as res:
         if res is None:
             return
-        torch.manual_seed(0)
-        model = build(run.config("7b-d"), run.device, run.dtype, None)
-        res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+        model = random_model(run, "7b-d", res)
         res["ttft_ms"] = ttft_ms(run, model)
         base = inputs(run, model.config, 1, image=True)
         res["prompt_tokens"] = int(base.input_ids.shape[1])
@@ -285,8 +290,7 @@ def section_quantized(run: Run, mode: str, needs_s: float) -> None:
     with run.section(mode, needs_s) as res:
         if res is None:
             return
-        torch.manual_seed(0)
-        model = build(run.config("7b-d"), run.device, run.dtype, mode)
+        model = random_model(run, "7b-d", res, mode)
         res["build_peak_gib"] = gib(peak_memory(run.device))
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -310,9 +314,7 @@ def section_moe(run: Run) -> None:
     with run.section("moe", 60) as res:
         if res is None:
             return
-        torch.manual_seed(0)
-        model = build(run.config("1b-e"), run.device, run.dtype, None)
-        res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+        model = random_model(run, "1b-e", res)
         img = inputs(run, model.config, 1, image=True)
         opts = GenerationOptions(run.steps, stop_on_eos=False)
         with old_expert_loop():
