@@ -216,7 +216,7 @@ class SparseMoE(nn.Module):
         k = chosen.shape[1]
         sorted_experts, order = chosen.reshape(-1).sort()  # (M,)
         experts = torch.arange(w_gu.shape[0], device=h.device)
-        # (E,) group ends; searchsorted keeps a static shape (bincount's data-dependent one breaks the graph)
+        # (E,) group ends; searchsorted's output shape is static (bincount's depends on the data)
         offs = torch.searchsorted(sorted_experts, experts, right=True).to(torch.int32)
         rows = order // k  # (M,) token of each sorted row
         gate, up = torch._grouped_mm(h[rows], w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (M, H) each
