@@ -1,9 +1,10 @@
 """`build_demo(service) -> gr.Blocks`: layout and wiring only. The work is in `handlers.py`.
 
-Tabs: Model, Point & Count, Clock, Ask, Caption, and (when their modules import) Annotate and Train.
+Tabs: Model, Point & Count, Clock, Ask, Caption, and (when their modules import) Annotate, Train and Eval.
 Every event has an `api_name`, so `gradio_client` can drive the app:
 `/point`, `/count`, `/read_clock`, `/ask`, `/caption` (image + text -> answer text + parsed JSON),
-`/load_model`, `/status`.
+`/load_model`, `/status`; the Eval tab's `/eval_start`, `/eval_status`, `/eval_stop`, `/eval_example`,
+`/eval_prev`, `/eval_next`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from molmo_core.prompts import DEFAULT_CAPTION_LENGTH_HINT
 
 from .annotate_tab import create_annotate_tab
 from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
+from .eval_tab import create_eval_tab
 from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
 from .service import MolmoService
 from .tempfiles import GRADIO_DELETE_CACHE, temp_dir
@@ -26,7 +28,7 @@ log = logging.getLogger("molmo_studio")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train")
+TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train", "eval")
 HUB_CHOICES = ["allenai/Molmo-7B-D-0924", "allenai/Molmo-7B-O-0924", "allenai/MolmoE-1B-0924",
                "allenai/Molmo-72B-0924"]
 # Gradio 6 takes CSS at launch: demo.launch(css=CSS).
@@ -268,7 +270,7 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
 
     Args:
         service: owns the loaded model; shared by every browser session.
-        default_tab: one of "model", "point", "clock", "ask", "caption", "annotate", "train"
+        default_tab: one of "model", "point", "clock", "ask", "caption", "annotate", "train", "eval"
             (default: "point" when a model is loaded or loading, else "model").
         annotate_dir: the project folder the Annotate tab opens with.
         notice: a banner shown above the tabs (e.g. "no GPU and no local weights: ...").
@@ -295,5 +297,7 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
             with gr.Tab("Caption", id="caption"):
                 _caption_tab(h, point_examples)
             _annotate_and_train_tabs(service, annotate_dir)
+            with gr.Tab("Eval", id="eval"):
+                create_eval_tab(service)
         demo.load(h.page_load, None, model_outputs, api_name="page_load", api_visibility="undocumented", queue=False)
     return demo
