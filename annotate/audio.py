@@ -21,10 +21,18 @@ import numpy as np
 import soundfile as sf
 
 SUPPORTED_HINT = "WAV, FLAC, OGG, MP3, M4A or WebM"
+# Upload limits (a PixMo description is 60-90 s): bytes are checked before decoding, the duration from
+# the header where it is known and while decoding otherwise, so a small file that decodes to hours is cut off.
+MAX_AUDIO_BYTES = 64 * 1024 * 1024
+MAX_AUDIO_SECONDS = 10 * 60
 
 
 class AudioDecodeError(ValueError):
     """The input could not be decoded as audio."""
+
+
+class AudioTooLargeError(AudioDecodeError):
+    """The recording is over ``MAX_AUDIO_BYTES`` or ``MAX_AUDIO_SECONDS``."""
 
 
 class AudioDeviceError(RuntimeError):
@@ -81,11 +89,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # Decoding
 
 
-def decode_audio(path: str | os.PathLike) -> Audio:
+def decode_audio(path: str | os.PathLike, max_bytes: int | None = None, max_seconds: float | None = None) -> Audio:
     """Decode an audio file of any common format.
 
     Args:
         path: the file (for uploads: the file the browser sent).
+        max_bytes: refuse larger files before decoding (default ``MAX_AUDIO_BYTES``).
+        max_seconds: refuse longer recordings (default ``MAX_AUDIO_SECONDS``).
 
     Returns:
         The samples at the file's own sample rate, 16-bit sources kept as int16 (so the receipt
@@ -94,20 +104,32 @@ def decode_audio(path: str | os.PathLike) -> Audio:
     Raises:
         FileNotFoundError: the file does not exist.
         AudioDecodeError: neither soundfile nor PyAV can read it, or it holds no samples.
+        AudioTooLargeError: over ``max_bytes`` or ``max_seconds``.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"Audio file not found: {p}")
+    max_bytes = MAX_AUDIO_BYTES if max_bytes is None else max_bytes
+    max_seconds = MAX_AUDIO_SECONDS if max_seconds is None else max_seconds
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise AudioTooLargeError(f"'{p.name}' is {size / 2**20:.1f} MB; recordings may be at most "
+                                 f"{max_bytes / 2**20:.0f} MB. {_TOO_LARGE_HINT}")
     errors: list[str] = []
     try:
         info = sf.info(str(p))
+        _check_seconds(p, info.frames / float(info.samplerate), max_seconds)
         dtype = "int16" if info.subtype in ("PCM_16", "PCM_S8", "PCM_U8", "ALAW", "ULAW") else "float32"
         data, sr = sf.read(str(p), dtype=dtype, always_2d=True)
         audio = Audio(np.ascontiguousarray(data), int(sr))
+    except AudioTooLargeError:
+        raise
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         errors.append(f"soundfile: {e}")
         try:
-            audio = _decode_with_av(p)
+            audio = _decode_with_av(p, max_seconds)
+        except AudioTooLargeError:
+            raise
         except Exception as e2:
             errors.append(f"PyAV: {e2}")
             raise AudioDecodeError(
@@ -119,8 +141,18 @@ def decode_audio(path: str | os.PathLike) -> Audio:
     return audio
 
 
-def _decode_with_av(path: Path) -> Audio:
-    """Decode with PyAV to float32 at the stream's sample rate (mono or stereo kept)."""
+_TOO_LARGE_HINT = "Record a shorter description (60-90 s is the target) or split the recording."
+
+
+def _check_seconds(path: Path, seconds: float, max_seconds: float) -> None:
+    if seconds > max_seconds:
+        raise AudioTooLargeError(f"'{path.name}' is {seconds:.0f} s long (at least); recordings may be at most "
+                                 f"{max_seconds:.0f} s. {_TOO_LARGE_HINT}")
+
+
+def _decode_with_av(path: Path, max_seconds: float = MAX_AUDIO_SECONDS) -> Audio:
+    """Decode with PyAV to float32 at the stream's sample rate (mono or stereo kept), stopping with
+    AudioTooLargeError as soon as more than ``max_seconds`` have been decoded."""
     import av  # installed with faster-whisper
 
     with av.open(str(path), mode="r", metadata_errors="ignore") as container:
@@ -131,10 +163,12 @@ def _decode_with_av(path: Path) -> Audio:
         channels = min(2, stream.codec_context.channels or 1)
         layout = "stereo" if channels == 2 else "mono"
         resampler = av.AudioResampler(format="flt", layout=layout, rate=rate)
-        chunks = []
+        chunks, frames = [], 0
         for frame in container.decode(stream):
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1, channels))
+                frames += chunks[-1].shape[0]
+            _check_seconds(path, frames / float(rate), max_seconds)
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray().reshape(-1, channels))
     data = np.concatenate(chunks, axis=0) if chunks else np.zeros((0, channels), np.float32)

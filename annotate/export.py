@@ -49,7 +49,8 @@ EXTRA_COLUMNS = pa.schema(
         pa.field("audio_sample_rates", pa.list_(pa.int64())),
         pa.field("segments", pa.list_(pa.string())),  # per transcript: JSON [{start, end, text}]
         pa.field("created_at", pa.list_(pa.string())),  # per transcript, ISO 8601 UTC
-        pa.field("asr_models", pa.list_(pa.string())),
+        pa.field("asr_models", pa.list_(pa.string())),  # the speech model of each transcript
+        pa.field("asr_model_sha256s", pa.list_(pa.string())),  # sha256 of that model's model.bin
         pa.field("image_status", pa.string()),  # active | flagged | missing
     ]
 )
@@ -163,6 +164,7 @@ def export_pixmo_cap(
         cols["segments"].append([json.dumps(a.segments) for a in anns])
         cols["created_at"].append([a.created_at for a in anns])
         cols["asr_models"].append([a.asr_model for a in anns])
+        cols["asr_model_sha256s"].append([a.asr_model_sha256 for a in anns])
         cols["image_status"].append(img["status"])
         n_ann += len(anns)
         without_caption += cap is None

@@ -34,7 +34,7 @@ from .audio import Audio, AudioReceipt, receipt_name, sha256_file, write_flac_at
 DB_NAME = "annotations.sqlite"
 AUDIO_DIR = "audio"
 LIST_FILE = "images.txt"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: annotations.asr_model_sha256 (added to version-1 databases on open)
 APP_ID = "molmo-studio-annotate"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_ANNOTATIONS_PER_IMAGE = 1
@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS annotations (
     transcript     TEXT NOT NULL,        -- as edited by the annotator
     segments       TEXT NOT NULL DEFAULT '[]',  -- JSON list of {start, end, text} (seconds)
     language       TEXT,
-    asr_model      TEXT,
+    asr_model      TEXT,                 -- the speech model that made transcript_raw (bundled:tiny.en, small.en ...)
+    asr_model_sha256 TEXT,               -- sha256 of that model's model.bin
     audio_path     TEXT,                 -- relative to the project folder; NULL for imported text
     audio_sha256   TEXT,
     duration       REAL,
@@ -208,6 +209,7 @@ class AnnotationRecord:
     sample_rate: int | None
     channels: int | None
     created_at: str
+    asr_model_sha256: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "AnnotationRecord":
@@ -365,6 +367,7 @@ class Store:
         finally:
             con.close()
         with self._write() as con:
+            _migrate(con)
             con.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             con.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", (now_iso(),))
@@ -615,6 +618,7 @@ class Store:
         caption: str | None = None,
         caption_source: str = "manual",
         caption_model: str | None = None,
+        asr_model_sha256: str | None = None,
     ) -> AnnotationRecord:
         """Save one annotation atomically: audio receipt first, then one committed transaction.
 
@@ -662,8 +666,8 @@ class Store:
                 cur = con.execute(
                     """INSERT INTO annotations (image_id, annotator, transcript_raw, transcript, segments,
                            language, asr_model, audio_path, audio_sha256, duration, sample_rate, channels,
-                           created_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                           created_at, asr_model_sha256)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         image_id,
                         who,
@@ -678,6 +682,7 @@ class Store:
                         receipt.sample_rate if receipt else None,
                         receipt.channels if receipt else None,
                         now_iso(),
+                        asr_model_sha256 if asr_model else None,
                     ),
                 )
                 new_id = cur.lastrowid
@@ -814,6 +819,15 @@ class Store:
             elif sha256_file(p) != a.audio_sha256:
                 problems.append(f"annotation {a.id}: audio receipt altered (sha256 mismatch): {a.audio_path}")
         return problems
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a version-1 database to SCHEMA_VERSION inside the caller's write transaction (rows kept)."""
+    columns = {r[1] for r in con.execute("PRAGMA table_info(annotations)")}
+    if "asr_model_sha256" not in columns:
+        con.execute("ALTER TABLE annotations ADD COLUMN asr_model_sha256 TEXT")
+    con.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
+                (str(SCHEMA_VERSION), SCHEMA_VERSION))
 
 
 def _upsert_caption(con, image_id, caption, source, model, annotator) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from annotate.asr import AsrError, AsrModelMissing, Transcriber
+from annotate.asr import AsrError, AsrModelMissing, Transcriber, installed_models
 from annotate.audio import (
     AudioDecodeError,
     AudioDeviceError,
@@ -27,6 +27,7 @@ from annotate.audio import (
 from annotate.caption import draft_caption
 from annotate.protocol import GUIDING_QUESTIONS, TimerRules, blocking, check_recording
 from annotate.store import AlreadyAnnotatedError, Store, StoreError, check_annotator
+from molmo_core.preprocessing import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 
 from .handlers import USER_ERRORS, user_errors
 from .tempfiles import new_temp_file
@@ -66,7 +67,7 @@ def get_store(project_dir: str | None, annotations_per_image: int | None = None)
 
 
 DISPLAY_MAX_SIDE = 1600
-DISPLAY_MAX_PIXELS = 200_000_000
+DISPLAY_MAX_PIXELS = MAX_IMAGE_PIXELS  # the limits of images given to the model (molmo_core.preprocessing)
 
 
 def _display_image(path: Path) -> tuple[Any, str]:
@@ -77,6 +78,10 @@ def _display_image(path: Path) -> tuple[Any, str]:
     from PIL import Image, ImageOps
 
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return None, (f"{path.name} is {size / 2**20:.0f} MB; images may be at most {MAX_FILE_BYTES // 2**20} MB. "
+                          "Skip or flag it, or replace the file with a smaller copy.")
         with Image.open(path) as im:
             if im.width * im.height > DISPLAY_MAX_PIXELS:
                 return None, f"{path.name} is {im.width}x{im.height} pixels, too large to show; skip or flag it."
@@ -90,7 +95,7 @@ def _display_image(path: Path) -> tuple[Any, str]:
 
 def new_session() -> dict[str, Any]:
     return {"project": None, "annotator": None, "image_id": None, "raw": "", "segments": [],
-            "language": None, "asr_model": None, "asr_audio": None, "caption_draft": None,
+            "language": None, "asr_model": None, "asr_model_sha256": None, "asr_audio": None, "caption_draft": None,
             "caption_model": None}
 
 
@@ -244,12 +249,14 @@ class AnnotateHandlers:
         except (AsrModelMissing, AsrError) as e:
             raise _error(str(e)) from None
         s.update(raw=result.text, segments=result.segments_as_dicts(), language=result.language,
-                 asr_model=result.model, asr_audio=str(audio_path))
+                 asr_model=result.model, asr_model_sha256=result.model_sha256, asr_audio=str(audio_path))
         status = f"Transcribed {result.duration:.1f} s into {len(result.segments)} segments; edit the transcript if needed."
         if warnings:
             status += " " + " ".join(str(w) for w in warnings)
         if not result.segments:
             status += " No speech was recognised."
+        if result.note:
+            status += " " + result.note
         return s, result.text, result.text, result.segments_as_dicts(), status
 
     @user_errors("drafting the caption")
@@ -305,6 +312,7 @@ class AnnotateHandlers:
                 segments=s.get("segments", []) if raw else [],
                 language=s.get("language"), asr_model=s.get("asr_model") if raw else None,
                 caption=cap, caption_source=source, caption_model=s.get("caption_model") if draft else None,
+                asr_model_sha256=s.get("asr_model_sha256") if raw else None,
             )
         except (AlreadyAnnotatedError, StoreError, ValueError) as e:
             raise _error(str(e)) from None
@@ -315,6 +323,20 @@ class AnnotateHandlers:
                   + ("" if cap or stored else "; no caption yet") + ". Press 'Next image' to continue.")
         s["image_id"] = None
         return s, status, store.progress().summary(who)
+
+    def model_status(self) -> str:
+        t = self.transcriber
+        running = f"; loaded: {t.active_model}" if t.loaded else " (loads on the first transcription)"
+        return f"Speech model: {t.model_name}{running}. {t.note}".strip()
+
+    @user_errors("switching the speech model")
+    def pick_model(self, name):
+        """Admin: use another installed speech model from the next transcription on."""
+        try:
+            self.transcriber.set_model(name)
+        except ValueError as e:
+            raise _error(str(e)) from None
+        return self.model_status()
 
     @user_errors("reading the progress")
     def progress(self, annotator, project):
@@ -400,6 +422,13 @@ def create_annotate_tab(
                                       elem_id="annotate_flag_reason", scale=3)
         c["flag"] = gr.Button("Flag bad image", variant="stop", elem_id="annotate_flag")
     c["status"] = gr.Textbox(label="Status", interactive=False, elem_id="annotate_status")
+    with gr.Accordion("Speech model (admin)", open=False):
+        choices = [(m.label, m.name) for m in installed_models()]
+        with gr.Row():
+            c["asr_model"] = gr.Dropdown(choices, value=None, label="Installed speech models",
+                                         elem_id="annotate_asr_model", scale=3)
+            c["asr_pick"] = gr.Button("Use this model", elem_id="annotate_asr_pick", scale=1)
+        c["asr_status"] = gr.Markdown(h.model_status(), elem_id="annotate_asr_status")
     timer = gr.Timer(1.0, active=False)
     c["session"], c["timer_tick"] = session, timer
 
@@ -422,6 +451,7 @@ def create_annotate_tab(
                      api_name="annotate_draft_caption")
     c["save"].click(h.save, [c["annotator"], c["project"], c["audio"], c["transcript"], c["caption"], session],
                     [session, c["status"], c["progress"]], api_name="annotate_save")
+    c["asr_pick"].click(h.pick_model, [c["asr_model"]], [c["asr_status"]], api_name="annotate_pick_asr_model")
     if "record_local" in c:
         c["record_local"].click(h.record_local, [c["device"], c["seconds"]], [c["audio"], c["check"]],
                                 api_name="annotate_record_local")

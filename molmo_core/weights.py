@@ -199,12 +199,40 @@ def iter_safetensors(file: Path) -> Iterator[tuple[str, tuple[int, ...], Reader]
         yield key, tuple(shape), read
 
 
+def load_torch_file(file: str | os.PathLike, map_location="cpu", numpy_arrays: bool = False, **kwargs):
+    """``torch.load`` that never runs code from the file: ``weights_only=True`` (tensors, numbers, strings and
+    plain containers only). ``numpy_arrays`` also admits plain numpy arrays (numpy's RNG state in ``rng.pt``).
+
+    Raises:
+        CheckpointError: the file is unreadable, or it holds other Python objects (a pickle that could run
+            code when loaded); the message names the file and the object refused.
+    """
+    import pickle
+
+    allowed = []
+    if numpy_arrays:
+        import numpy as np
+
+        core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]  # MT19937 keys
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(file, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
+        detail = f"found {found.group(1) or found.group(2)}" if found else str(e).splitlines()[0][:200]
+        raise CheckpointError(
+            f"Refused to load {file}: it holds Python objects other than tensors and plain values "
+            f"({detail}); loading it could run code. Expected a file written by "
+            "torch.save of tensors / state dicts (as Molmo Studio writes them). Use a checkpoint from a source "
+            "you trust, re-saved as safetensors or as a plain state dict.") from None
+    except Exception as e:
+        raise CheckpointError(f"Could not read {file}: {type(e).__name__}: {e}") from e
+
+
 def iter_torch_bin(file: Path) -> Iterator[tuple[str, tuple[int, ...], Reader]]:
     """pytorch_model.bin (MolmoE): memory-mapped, converted chunk by chunk like the safetensors path."""
-    try:
-        sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"Could not read {file.name}: {type(e).__name__}: {e}") from e
+    sd = load_torch_file(file, map_location="cpu", mmap=True)
     for key in list(sd):
         t = sd[key]
 

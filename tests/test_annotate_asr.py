@@ -28,7 +28,7 @@ def test_tiny_whisper_transcribes_espeak_speech(tmp_path):
 def test_missing_model_says_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MOLMO_WHISPER_DIR", str(tmp_path / "models"))
-    t = Transcriber("small.en", device="cpu")
+    t = Transcriber("small.en", device="cpu", fallback=False)  # the bundled tiny.en would stand in
     with pytest.raises(AsrModelMissing) as e:
         t.load()
     msg = str(e.value)
@@ -37,4 +37,4 @@ def test_missing_model_says_what_to_download(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(AsrModelMissing, match="has no model.bin"):
-        Transcriber(str(empty), device="cpu").load()
+        Transcriber(str(empty), device="cpu", fallback=False).load()

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..weights import load_torch_file
 from .recipe import TrainArgs
 
 PREFIX = "molmo."  # the trainer wraps Molmo in a LossModule whose only child is `molmo`
@@ -116,7 +117,7 @@ class SingleProcess:
             for name, t in _read_weights(weights_file).items():
                 p = params[PREFIX + name]
                 p.copy_(t.to(p.dtype))
-        optimizer.load_state_dict(torch.load(optimizer_file, map_location=self.device, weights_only=False))
+        optimizer.load_state_dict(load_torch_file(optimizer_file, map_location=self.device))
 
 
 class _ProcessGroup(SingleProcess):
@@ -247,7 +248,7 @@ class FSDP(_ProcessGroup):
         weights, optim = {}, {}
         if self.rank == 0:
             weights = {PREFIX + k: v for k, v in _read_weights(weights_file).items()}
-            saved = torch.load(optimizer_file, map_location="cpu", weights_only=False)
+            saved = load_torch_file(optimizer_file, map_location="cpu")
             names = _optimizer_param_names(loss_module, optimizer)
             optim = {"state": {names[i]: st for i, st in saved["state"].items()},
                      "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}

@@ -598,9 +598,11 @@ class Trainer:
                              "was written for another model or --freeze. Use another --out, or --resume no.")
         self.dist.load_state(self.loss_module, self.optimizer, latest / "trainable.safetensors",
                              latest / "optimizer.pt")
-        self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
+        from ..weights import load_torch_file  # weights_only: a checkpoint folder can come from anyone
+
+        self.scheduler.load_state_dict(load_torch_file(latest / "scheduler.pt"))
         own = latest / f"rng-rank{self.rank}.pt"  # older checkpoints / fewer processes: rank 0's states
-        rng = torch.load(own if self.rank > 0 and own.is_file() else latest / "rng.pt", weights_only=False)
+        rng = load_torch_file(own if self.rank > 0 and own.is_file() else latest / "rng.pt", numpy_arrays=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
