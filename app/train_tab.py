@@ -1,5 +1,6 @@
 """The Train tab: pick data and settings, start / stop a fine-tune in a background process, watch the
-loss curve, load the result into the app.
+loss curve and the held-out task metrics (point / count / clock questions the model answers at each
+evaluation, `eval_count_accuracy` ... in metrics.jsonl), load the result into the app.
 
 Layout and wiring only: the run is `python -m molmo_core.train ...` started by
 `molmo_core.train.cli.start_background`, logging to OUT/train.log and writing OUT/metrics.jsonl, which this
@@ -21,6 +22,7 @@ import pandas as pd
 from molmo_core.train.cli import STOPPED_EXIT_CODE, absolute_paths, start_background, stop_background
 from molmo_core.train.plot import read_metrics
 from molmo_core.train.recipe import TrainArgs
+from molmo_core.train.task_eval import TASK_METRICS
 
 from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
 from .handlers import user_errors
@@ -106,7 +108,27 @@ def _progress(rows: list[dict]) -> str:
     for key, fmt in (("loss", "loss {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s")):
         if isinstance(last.get(key), (int, float)):
             parts.append(fmt.format(last[key]))
+    tasks = _task_metric_rows(rows)
+    if tasks:
+        step = tasks[-1]["step"]
+        parts.append("held-out " + ", ".join(f"{r['series']} {r['value']:.3f}" for r in tasks if r["step"] == step)
+                     + f" (step {step})")
     return ", ".join(parts)
+
+
+def _task_metric_rows(rows: list[dict]) -> list[dict]:
+    """{step, value, series: "count accuracy"} for every task metric (eval_count_accuracy, ...) in the rows."""
+    keys = [(f"eval_{task}_{name}", f"{task} {name.replace('_', ' ')}") for task, names in TASK_METRICS.items()
+            for name in names]
+    return [{"step": r["step"], "value": r[key], "series": series} for r in rows for key, series in keys
+            if isinstance(r.get(key), (int, float))]
+
+
+@user_errors("reading the run's held-out metrics")
+def poll_task_metrics(run_dir: str | None) -> pd.DataFrame:
+    """The held-out task metrics of the run folder as a table with columns step, value, series."""
+    data = _task_metric_rows(_training_rows(Path(run_dir))) if run_dir else []
+    return pd.DataFrame(data) if data else pd.DataFrame({"step": [], "value": [], "series": []})
 
 
 def _stopped_message(code: int | None, where: str) -> str:
@@ -182,7 +204,8 @@ def create_train_tab(get_model_source: Callable[[], str | None],
                 "checkpoints/ and, at the end, final/ (loadable here) and adapter/ (LoRA).")
     with gr.Row():
         c["data"] = gr.Textbox(label="Training data", placeholder="captions.parquet, more.jsonl, clocks:200",
-                               info="PixMo-Cap parquet, JSONL, a folder of those, or clocks:N; comma-separated")
+                               info="PixMo-Cap parquet, JSONL, a folder of those, clocks:N or shapes:N; "
+                                    "comma-separated")
         c["images_dir"] = gr.Textbox(label="Images folder", placeholder="(next to the data file)")
     with gr.Row():
         c["base_model"] = gr.Textbox(label="Base model", placeholder="(the model loaded in the app)")
@@ -211,6 +234,9 @@ def create_train_tab(get_model_source: Callable[[], str | None],
         c["load"] = gr.Button("Load result into the app")
     c["status"] = gr.Markdown("No run yet.")
     c["plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=300)
+    c["metrics_plot"] = gr.LinePlot(x="step", y="value", color="series", y_lim=[0, 1], height=300,
+                                    label="Held-out task metrics (the model's answers to point / count / clock "
+                                          "questions, scored as in the Evaluate tab)")
     c["log"] = gr.Textbox(label="Log", lines=12, max_lines=12, autoscroll=True)
     c["run_dir"] = run_dir
     timer = gr.Timer(2.0, active=False)  # polls only while a run of this session is running
@@ -228,5 +254,8 @@ def create_train_tab(get_model_source: Callable[[], str | None],
     poll_outputs = [c["status"], c["log"], c["plot"]]
     c["refresh"].click(poll_run, [run_dir], poll_outputs, api_name="train_refresh")
     timer.tick(_poll, [run_dir], poll_outputs + [timer], api_name="train_poll", show_progress="hidden")
+    c["refresh"].click(poll_task_metrics, [run_dir], [c["metrics_plot"]], api_name="train_refresh_metrics")
+    timer.tick(poll_task_metrics, [run_dir], [c["metrics_plot"]], api_name="train_poll_metrics",
+               show_progress="hidden")
     c["load"].click(lambda d: load_result(d, on_load_result), [run_dir], [c["status"]], api_name="train_load")
     return c

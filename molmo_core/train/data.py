@@ -24,8 +24,14 @@ Sources (`load_records`):
     / `image_sha256`) with images in a local folder (by path, by URL file name, or by sha256 name);
   * JSONL of `{"image": ..., "caption": ..., "transcripts": [...]}`, `{"image", "label", "points"}` (points
     in percent unless `"point_scale": "pixels"`), or `{"image", "question", "answer"}`;
-  * `clocks:N` -> N synthetic clocks from `molmo_core.synthetic.clocks.random_clock` ("What time is being shown?").
-Records whose image is missing are skipped and counted (`DataReport`).
+  * `clocks:N` -> N synthetic clocks from `molmo_core.synthetic.clocks.random_clock` ("What time is being shown?");
+  * `shapes:N[:count|:point][:max=M]` -> N synthetic scenes from `molmo_core.synthetic.shapes.random_scene`, each
+    with a pointing and a counting question (or only the one named) answered from the scene's exact labels, in
+    Molmo v1's answer format; at most M targets per scene (default 6, as the evaluation's `shapes:N`). Training
+    scenes are numbered from (seed + 1) * 1,000,000, so they are never the scenes 0..N-1 that
+    `launch.py --eval --data shapes:N` scores.
+Records whose image is missing are skipped and counted (`DataReport`). Point, count and clock records carry
+their ground truth (`Record.truth`), which the trainer's held-out evaluation scores generated answers against.
 """
 
 from __future__ import annotations
@@ -36,16 +42,19 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
 
+from ..eval.data import Example
 from ..preprocessing import MolmoTokenizer, load_image, process_image
-from ..prompts import CHARS_PER_LENGTH_UNIT, clock_prompt, point_prompt
+from ..prompts import CHARS_PER_LENGTH_UNIT, clock_prompt, count_prompt, point_prompt
 
 IMAGE_SUBSEGMENT = 10000  # the official id for image tokens placed at the start of the sequence
+SHAPES_SEED_BLOCK = 1_000_000  # training scenes of shapes:N start at (seed + 1) * this; --eval's are 0..N-1
+SHAPES_MAX_COUNT = 6  # as the evaluation's shapes:N
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_KINDS = ("long_caption", "transcript")
 
@@ -57,7 +66,7 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------- records
 @dataclass
 class Annotation:
-    kind: str  # "long_caption" | "transcript" | "clock" | "point" | "qa"
+    kind: str  # "long_caption" | "transcript" | "clock" | "point" | "count" | "qa"
     text: str  # the answer the model must produce
     prompt: str | None = None  # fixed prompt for clock / point / qa; caption prompts are drawn per example
 
@@ -68,6 +77,7 @@ class Record:
     annotations: list[Annotation]
     source: str = ""  # where it came from, for messages ("data.parquet row 12")
     key: str = ""  # stable identity of the image (used for the image cache)
+    truth: Callable[[], Example] | None = None  # ground truth of its point / count / clock questions, made on demand
 
 
 @dataclass
@@ -211,7 +221,17 @@ def point_record(image, label: str, points, scale: str, source: str, size: tuple
         xy = [(x / (w / 100), y / (h / 100)) for x, y in xy]
     label = " ".join(str(label).split())
     answer = format_points(xy, alt=label.lower(), text=label.lower())
-    return Record(image, [Annotation("point", answer, point_prompt(label))], source, key=str(image))
+    return Record(image, [Annotation("point", answer, point_prompt(label))], source, key=str(image),
+                  truth=lambda: _pixel_truth(image, source, label, xy))
+
+
+def _pixel_truth(image, source: str, label: str, xy_percent: list[tuple[float, float]]) -> Example:
+    """The ground truth of a point record: its points in pixels, no masks (scored by the distance rule)."""
+    truth = Example(0, image, source, label=label)
+    w, h = truth.size
+    truth.points = np.array(xy_percent, np.float64).reshape(-1, 2) * [w / 100, h / 100]
+    truth.count = len(truth.points)
+    return truth
 
 
 def load_jsonl(path: Path, images_dir: Path | None, max_chars: int, report: DataReport) -> list[Record]:
@@ -257,13 +277,95 @@ def clock_records(n: int, seed: int = 0, size: int = 384) -> list[Record]:
         s = seed * 1_000_003 + i
         _, time = random_clock(s, size=size)  # the label only; the image is rendered again on use
         records.append(Record(lambda s=s: random_clock(s, size=size)[0],
-                              [Annotation("clock", str(time), clock_prompt())], f"clock {s}", key=f"clock:{s}"))
+                              [Annotation("clock", str(time), clock_prompt())], f"clock {s}", key=f"clock:{s}",
+                              truth=lambda s=s: _clock_truth(s, size)))
     return records
+
+
+def _clock_truth(seed: int, size: int) -> Example:
+    from ..synthetic.clocks import random_clock
+
+    image, time = random_clock(seed, size=size)
+    return Example(0, image, f"clock {seed}", clock=(time.hour, time.minute), second=time.second)
+
+
+def count_answer(points_percent: Sequence[tuple[float, float]], label: str) -> str:
+    """Molmo v1's counting answer: the points first, then the total; "There are none." without any.
+
+    >>> count_answer([(10.0, 20.0)], "red stars")
+    'Counting the <point x="10.0" y="20.0" alt="red stars">red stars</point> shows a total of 1.'
+    """
+    from ..outputs import NO_OBJECTS_TEXT, format_points
+
+    if not points_percent:
+        return NO_OBJECTS_TEXT
+    return f"Counting the {format_points(points_percent, alt=label, text=label)} shows a total of {len(points_percent)}."
+
+
+def shape_records(n: int, seed: int = 0, max_count: int = SHAPES_MAX_COUNT,
+                  tasks: Sequence[str] = ("point", "count")) -> list[Record]:
+    """N synthetic shape scenes (`molmo_core.synthetic.shapes`), numbered from (seed + 1) * SHAPES_SEED_BLOCK, each
+    with a "Point to {label}" and / or a "How many {label} are there?" question answered from its exact labels.
+
+    The image is kept PNG-encoded (a few kB); the ground truth with its masks is drawn again when asked for."""
+    import io
+
+    from ..outputs import format_points
+    from ..synthetic.shapes import random_scene
+
+    records = []
+    for i in range(n):
+        s = (seed + 1) * SHAPES_SEED_BLOCK + i
+        scene = random_scene(s, max_count=max_count)
+        w, h = scene.image.size
+        xy = [(x / (w / 100), y / (h / 100)) for x, y in scene.points]
+        answers = {"point": ("point", format_points(xy, alt=scene.label), point_prompt(scene.label)),
+                   "count": ("count", count_answer(xy, scene.label), count_prompt(scene.label)),
+                   "number": ("count", str(scene.count), count_prompt(scene.label, point=False))}
+        png = io.BytesIO()
+        scene.image.save(png, format="PNG")
+        records.append(Record(png.getvalue(), [Annotation(*answers[t]) for t in tasks], f"shapes scene {s}",
+                              key=f"shapes:{s}", truth=lambda s=s: _shape_truth(s, max_count)))
+    return records
+
+
+def _shape_truth(seed: int, max_count: int) -> Example:
+    from ..synthetic.shapes import random_scene
+
+    scene = random_scene(seed, max_count=max_count)
+    return Example(0, scene.image, f"shapes scene {seed}", label=scene.label, points=scene.points, masks=scene.masks,
+                   count=scene.count)
+
+
+def synthetic_records(spec: str, seed: int) -> list[Record]:
+    """`clocks:N` or `shapes:N[:count|:point][:max=M]` -> records.
+
+    Raises:
+        DataError: a spec that is not one of those (the message shows the forms).
+    """
+    name, _, rest = spec.partition(":")
+    parts = rest.split(":")
+    usage = "write clocks:N or shapes:N[:count|:point][:max=M] with N a number, e.g. clocks:500 or shapes:200:count:max=3"
+    if not parts[0].isdigit() or (name == "clocks" and len(parts) > 1):
+        raise DataError(f"{spec!r}: {usage}.")
+    n = int(parts[0])
+    if name == "clocks":
+        return clock_records(n, seed)
+    tasks: list[str] = []
+    max_count = SHAPES_MAX_COUNT
+    for opt in parts[1:]:
+        if opt in ("count", "point", "number"):
+            tasks.append(opt)
+        elif opt.startswith("max=") and opt[4:].isdigit():
+            max_count = int(opt[4:])
+        else:
+            raise DataError(f"{spec!r}: unknown option {opt!r}; {usage}.")
+    return shape_records(n, seed, max_count, tasks or ("point", "count"))
 
 
 def load_records(sources: str | Path | Sequence[str | Path], images_dir: str | Path | None = None,
                  max_caption_chars: int = 6000, seed: int = 0) -> tuple[list[Record], DataReport]:
-    """Read every source (parquet, JSONL, a folder of them, or `clocks:N`) into records.
+    """Read every source (parquet, JSONL, a folder of them, `clocks:N` or `shapes:N`) into records.
 
     Raises:
         DataError: a source does not exist or has the wrong shape, or no usable record was found.
@@ -275,12 +377,8 @@ def load_records(sources: str | Path | Sequence[str | Path], images_dir: str | P
     records: list[Record] = []
     for src in sources:
         text = str(src)
-        if text.startswith("clocks:"):
-            try:
-                n = int(text.split(":", 1)[1])
-            except ValueError:
-                raise DataError(f"{text!r}: write clocks:N with a number, e.g. clocks:500.") from None
-            records += clock_records(n, seed)
+        if text.startswith(("clocks:", "shapes:")):
+            records += synthetic_records(text, seed)
             report.sources.append(text)
             continue
         path = Path(text).expanduser()
@@ -288,12 +386,12 @@ def load_records(sources: str | Path | Sequence[str | Path], images_dir: str | P
             files = sorted(list(path.glob("*.parquet")) + list(path.glob("*.jsonl")))
             if not files:
                 raise DataError(f"{path} holds no .parquet or .jsonl file; pass a PixMo-Cap parquet, a JSONL "
-                                "of {image, caption, transcripts}, or clocks:N.")
+                                "of {image, caption, transcripts}, clocks:N or shapes:N.")
         elif path.is_file():
             files = [path]
         else:
             raise DataError(f"Training data not found: {path}. Pass a PixMo-Cap parquet, a JSONL of "
-                            "{image, caption, transcripts}, a folder of those, or clocks:N.")
+                            "{image, caption, transcripts}, a folder of those, clocks:N or shapes:N.")
         for f in files:
             if f.suffix == ".parquet":
                 records += load_parquet(f, imgs, max_caption_chars, report)
@@ -502,6 +600,6 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 __all__ = [
     "Annotation", "Record", "DataReport", "DataError", "ExampleOptions", "ImageCache", "ExampleStream",
-    "load_records", "clock_records", "point_record", "build_example", "collate", "split_records",
+    "load_records", "clock_records", "shape_records", "synthetic_records", "count_answer", "point_record", "build_example", "collate", "split_records",
     "caption_user_text", "wrap_prompt", "count_tokens",
 ]

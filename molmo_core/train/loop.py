@@ -6,6 +6,10 @@
 Files under `args.out`:
     metrics.jsonl              one JSON object per logged step: step, loss, lr, lr_connector, lr_vit,
                                tokens_per_s, loss_tokens, grad_norm_*, elapsed_s, eta_s; eval lines add eval_loss
+                               and, when the held-out records hold point / count / clock questions, the task
+                               metrics of the model's greedy answers: eval_point_f1 / _precision / _recall,
+                               eval_count_accuracy / _close, eval_clock_overall_exact / _overall_close, and
+                               eval_{task}_n (see task_eval.py)
     loss.png                   the loss curve (PIL drawing; refreshed at every eval and checkpoint)
     checkpoints/step-NNNNNNN/  trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
     checkpoints/latest         the name of the newest *complete* checkpoint (updated last, atomically)
@@ -51,6 +55,7 @@ from .data import (DataReport, ExampleOptions, ExampleStream, ImageCache, collat
 from .dist import choose_strategy
 from .recipe import (ResponseDropout, TrainArgs, clip_per_component, enable_gradient_checkpointing, loss_sums,
                      make_optimizer, make_scheduler, param_groups)
+from .task_eval import format_metrics, generate_answers, score_items, summarize, task_items
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -66,6 +71,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # task metrics by step
     final: Path | None = None
     adapter: Path | None = None
     stopped: bool = False
@@ -235,6 +241,12 @@ class Trainer:
         eval_opts = ExampleOptions(**{**self.opts.__dict__, "shuffle_annotations": False})
         self.eval_stream = (ExampleStream(eval_records, self.tokenizer, eval_opts, cache, a.seed + 7, shuffle=False)
                             if eval_records else None)
+        self.task_items = task_items(eval_records)
+        if self.task_items:
+            tasks = sorted({it.task for it in self.task_items})
+            self.log(f"held-out task metrics: {len(self.task_items)} {' / '.join(tasks)} questions answered "
+                     "greedily at every evaluation"
+                     + ("; skipped under FSDP (see Trainer.task_metrics)" if self.dist.sharded else ""))
         self.max_steps = a.max_steps or max(1, math.ceil(a.epochs * len(train_records) / self._sequences_per_step))
 
     @property
@@ -329,6 +341,40 @@ class Trainer:
         self.model.train()
         return ce_sum / max(n_sum, 1.0)
 
+    def evaluate(self) -> dict[str, float]:
+        """{"eval_loss": ..., plus the task metrics (`task_metrics`)}; {} without held-out records."""
+        loss = self.validate()
+        return {} if loss is None else {"eval_loss": loss, **self.task_metrics()}
+
+    def task_metrics(self) -> dict[str, float]:
+        """Greedy answers of the model being trained (eval mode, LoRA adapters included) to the held-out point /
+        count / clock questions, scored by molmo_core.eval: {"eval_count_accuracy": ..., ...}; {} when there are none.
+
+        Several processes: under DDP every rank answers every world-th question with its own (identical) copy of the
+        model, which needs no collective, and the scores are gathered. Under FSDP a decode step would be collective
+        (every rank gathering each block's weights, in lockstep over a variable number of steps), so task metrics
+        are skipped there: score OUT/final with `launch.py --eval` instead."""
+        if not self.task_items or self.dist.sharded:
+            return {}
+        mine = self.task_items[self.rank::self.world]
+        template = "none" if self.args.prompt_format == "captioner" else "role"
+        scored, err = [], None
+        self.model.eval()
+        try:
+            with self._autocast():
+                answers = generate_answers(self.molmo, self.runner.processor, mine, template=template)
+            scored = score_items(mine, answers)
+        except Exception as e:  # noqa: BLE001 -- the other ranks wait in the gather below: tell them, never hang
+            err = f"{type(e).__name__}: {e}"
+        finally:
+            self.model.train()
+        gathered = self.dist.all_gather_object((scored, err))
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise TrainError(f"Answering the held-out questions at step {self.step} failed: {errors[0]}. Train "
+                             "without them (--eval-fraction 0, or --eval-data without point / count / clock data).")
+        return summarize([s for part, _ in gathered for s in part])
+
     # ------------------------------------------------------------------ fit
     def fit(self) -> TrainResult:
         """Train from the current step to max_steps: log, evaluate and save on schedule; on a stop request
@@ -348,10 +394,10 @@ class Trainer:
                 m["eta_s"] = (self.max_steps - self.step) * (sum(recent) / len(recent))
                 result.losses.append(m["loss"])
                 if a.eval_every and self.step % a.eval_every == 0 and self.step < self.max_steps:
-                    ev = self.validate()
-                    if ev is not None:
-                        m["eval_loss"] = ev
-                        result.eval_losses.append((self.step, ev))
+                    ev = self.evaluate()
+                    if ev:
+                        m.update(ev)
+                        self._record_eval(result, ev)
                 if self.step % a.log_every == 0 or self.step == self.max_steps or "eval_loss" in m:
                     self._log_step(m)
                 for cb in self.callbacks:
@@ -364,11 +410,12 @@ class Trainer:
                 if a.save_every and self.step % a.save_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
             else:
-                ev = self.validate()
-                if ev is not None:
-                    result.eval_losses.append((self.step, ev))
-                    self._write_metrics({"step": self.step, "eval_loss": ev})
-                    self.log(f"eval loss at step {self.step}: {ev:.4f}")
+                ev = self.evaluate()
+                if ev:
+                    self._record_eval(result, ev)
+                    self._write_metrics({"step": self.step, **ev})
+                    tasks = format_metrics(ev)
+                    self.log(f"eval loss at step {self.step}: {ev['eval_loss']:.4f}" + (f"; {tasks}" if tasks else ""))
                 if self.step > start_step or not self._latest_dir():
                     self.save_checkpoint()
         finally:
@@ -377,6 +424,12 @@ class Trainer:
         result.steps = self.step
         self.plot()
         return result
+
+    def _record_eval(self, result: TrainResult, ev: dict[str, float]) -> None:
+        result.eval_losses.append((self.step, ev["eval_loss"]))
+        tasks = {k: v for k, v in ev.items() if k != "eval_loss"}
+        if tasks:
+            result.eval_metrics.append((self.step, tasks))
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: a signal may reach one process only, every rank stops alike."""
@@ -401,10 +454,11 @@ class Trainer:
                 f"{m['tokens_per_s']:,.0f} tok/s  eta {eta}")
         if "eval_loss" in m:
             line += f"  eval {m['eval_loss']:.4f}"
+            tasks = format_metrics(m)
+            line += f" ({tasks})" if tasks else ""
         self.log(line)
-        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s",
-                "eval_loss")
-        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith("grad_norm_")})
+        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s")
+        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith(("grad_norm_", "eval_"))})
 
     def _open_metrics(self) -> None:
         if self.rank != 0:

@@ -41,13 +41,16 @@ class TrainArgs:
     model: str = ""
     """Base checkpoint: a local folder or a hub id (e.g. allenai/Molmo-7B-D-0924)."""
     data: list[str] = field(default_factory=list)
-    """Training data: PixMo-Cap parquet, JSONL, a folder of those, or clocks:N (several allowed)."""
+    """Training data: PixMo-Cap parquet, JSONL, a folder of those, clocks:N or shapes:N[:count|:point][:max=M]
+    (several allowed)."""
     out: str = ""
     """Output folder: checkpoints/, metrics.jsonl, loss.png, final/ (and adapter/ for LoRA)."""
     images_dir: str | None = None
     """Folder holding the images the data refers to (default: next to the data file)."""
     eval_data: list[str] = field(default_factory=list)
-    """Held-out data; default: eval_fraction of the training records."""
+    """Held-out data (same forms as data, e.g. shapes:16); default: eval_fraction of the training records. Held-out
+    point, count and clock questions are answered by the model and scored (eval_count_accuracy, ... in
+    metrics.jsonl)."""
     mode: str = "lora"
     """lora | qlora (4-bit base + LoRA) | full."""
     recipe: str = "captioner"
@@ -153,7 +156,7 @@ class TrainArgs:
             (self.resume in ("auto", "yes", "no"), f"resume must be auto, yes or no; got {self.resume!r}"),
             (self.export_dtype in ("float32", "bfloat16"), "export_dtype must be float32 or bfloat16"),
             (bool(self.model), "--model is required (a checkpoint folder or hub id)"),
-            (bool(self.data), "--data is required (parquet, JSONL, folder or clocks:N)"),
+            (bool(self.data), "--data is required (parquet, JSONL, folder, clocks:N or shapes:N)"),
             (bool(self.out), "--out is required (the output folder)"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1; got {self.max_steps} (leave it "
