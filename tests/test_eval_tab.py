@@ -27,7 +27,6 @@ from app_helpers import *  # noqa: F401,F403
 from app_helpers import TEST_LIMITS, make_client, running_app, scripted_loader
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "artifacts" / "screenshots"
 
 
@@ -287,18 +286,6 @@ def test_metrics_table_without_a_report_is_empty():
 
 
 # ------------------------------------------------------------------------------------- in the browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 @pytest.mark.browser
