@@ -133,26 +133,34 @@ def test_train_tab_plots_and_reports_the_task_metrics(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- learning, proven on CPU
-def test_training_on_shapes_lifts_held_out_count_accuracy_from_zero_to_chance(ckpt, tmp_path):
-    """A tiny random model answers held-out counting questions (scenes with 0-3 targets, other seeds than the
-    training scenes) with no number at all: accuracy 0. A few full fine-tuning steps on shapes teach it to answer
-    with a count, and its held-out accuracy reaches at least what one fixed count scores (0.25: the counts
-    cycle through 0-3), while the held-out loss falls.
+def test_training_on_shapes_lifts_held_out_count_accuracy_from_zero_to_well_above_chance(tmp_path):
+    """A small random model (the tiny "d" model with a 3-block ViT) answers held-out "How many red circles are
+    there?" questions with no number at all: accuracy 0. 48 full fine-tuning steps on 64 `:plain` scenes (0 or 1
+    target, no distractors, plain background: the answer is only in the image, the prompt is the same for both
+    counts) teach it to count them: held-out accuracy (20 scenes, other seeds than the training scenes) reaches
+    >= 0.9, where always giving one count scores 0.5 (chance: the counts alternate 0, 1). Measured: 0.0 -> 1.0,
+    about 55-90 s on 2 shared cores. The harder default scenes (distractors sharing the colour or the kind, varied
+    backgrounds and sizes) and 0-3 targets: bench/learn_loop.py."""
+    from dataclasses import replace
 
-    This proves the loop (train -> generate with the trained weights -> score) end to end; it does not prove
-    counting beyond the prior, which takes hundreds of steps (bench/learn_loop.py)."""
-    args = run_args(ckpt, tmp_path / "run", data=["shapes:48:number:max=3"], eval_data=["shapes:16:number:max=3"],
-                    lr=3e-3, vit_lr_ratio=1.0, connector_lr_ratio=3.0, batch_size=8, max_steps=16, eval_every=0,
-                    response_dropout=0.0)
+    from molmo_core.tiny import VARIANTS, write_tiny_checkpoint
+
+    cfg = VARIANTS["d"]
+    small = write_tiny_checkpoint(tmp_path / "small", config=replace(cfg, vision=replace(cfg.vision, num_layers=3)))
+    args = run_args(small, tmp_path / "run", data=["shapes:64:number:max=1:plain"],
+                    eval_data=["shapes:20:number:max=1:plain"], lr=3e-3, vit_lr_ratio=1.0, connector_lr_ratio=3.0,
+                    batch_size=8, max_steps=48, eval_every=0, response_dropout=0.0)
     trainer = Trainer(args, log=lambda s: None)
     trainer.setup()
+    assert {r.key for r in trainer.train_stream.records}.isdisjoint(it.record.key for it in trainer.task_items)
     t0 = time.perf_counter()
     before = trainer.evaluate()
     result = trainer.fit()
-    after = dict(result.eval_metrics)[16]
-    print(f"held-out count accuracy {before['eval_count_accuracy']:.3f} -> {after['eval_count_accuracy']:.3f}, "
-          f"eval loss {before['eval_loss']:.3f} -> {result.eval_losses[-1][1]:.3f}, 16 steps, "
+    after = dict(result.eval_metrics)[48]
+    chance = 0.5
+    print(f"held-out count accuracy {before['eval_count_accuracy']:.3f} -> {after['eval_count_accuracy']:.3f} "
+          f"(chance {chance}), eval loss {before['eval_loss']:.3f} -> {result.eval_losses[-1][1]:.3f}, 48 steps, "
           f"{time.perf_counter() - t0:.1f} s")
-    assert before["eval_count_accuracy"] == 0.0 and before["eval_count_n"] == after["eval_count_n"] == 16
-    assert after["eval_count_accuracy"] >= 0.25
+    assert before["eval_count_accuracy"] == 0.0 and before["eval_count_n"] == after["eval_count_n"] == 20
+    assert after["eval_count_accuracy"] >= 0.9 > chance
     assert result.eval_losses[-1][1] < 0.5 * before["eval_loss"]

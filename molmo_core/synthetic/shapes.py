@@ -168,25 +168,31 @@ def _interior_point(mask: np.ndarray) -> tuple[float, float]:
     return float(col), float(row)
 
 
-def random_scene(seed: int, *, max_count: int = 6, size: tuple[int, int] | None = None) -> ShapeScene:
+def random_scene(seed: int, *, max_count: int = 6, size: tuple[int, int] | None = None,
+                 plain: bool = False) -> ShapeScene:
     """Draw a random scene with ``seed % (max_count + 1)`` targets (fewer only if they cannot be placed).
 
     Args:
         seed: any int; the same seed gives the same scene.
         max_count: the largest number of targets.
         size: (width, height); default one of a few sizes (landscape, portrait, square) chosen by the seed.
+        plain: an easier variant (for learning tests): no distractors, larger objects (radius 0.10-0.16 of the
+            shorter side instead of 0.05-0.12), a plain light-grey background and, unless ``size`` is given,
+            336 x 336 pixels; the count is still only in the image. The default (False) draws exactly the scenes it always did.
 
     Returns:
         A :class:`ShapeScene`.
     """
     rng = random.Random(f"molmo-shapes-{seed}")
-    width, height = size or rng.choice(_SIZES)
+    width, height = size or ((336, 336) if plain else rng.choice(_SIZES))
     color, kind = rng.choice(list(COLORS)), rng.choice(KINDS)
     placed: list[tuple[str, str, tuple[float, float], float, np.ndarray]] = []  # colour, kind, centre, r, full mask
     visible: list[np.ndarray] = []
-    for obj_color, obj_kind in _specs(rng, color, kind, seed % (max_count + 1)):
+    n_targets = seed % (max_count + 1)
+    specs = [(color, kind)] * n_targets if plain else _specs(rng, color, kind, n_targets)
+    for obj_color, obj_kind in specs:
         for _ in range(_MAX_TRIES):
-            r = rng.uniform(0.05, 0.12) * min(width, height)
+            r = rng.uniform(*((0.10, 0.16) if plain else (0.05, 0.12))) * min(width, height)
             cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
             full = shape_mask(obj_kind, cx, cy, r, rng.uniform(0, 2 * math.pi), (width, height))
             still = [v & ~full for v in visible]
@@ -194,7 +200,7 @@ def random_scene(seed: int, *, max_count: int = 6, size: tuple[int, int] | None 
                 placed.append((obj_color, obj_kind, (cx, cy), r, full))
                 visible = still + [full.copy()]
                 break
-    pixels = _background(rng, width, height)
+    pixels = np.full((height, width, 3), 225.0) if plain else _background(rng, width, height)
     for (obj_color, *_rest, full) in placed:
         jitter = np.array([rng.randint(-12, 12) for _ in range(3)])
         pixels[full] = np.clip(np.array(COLORS[obj_color]) + jitter, 0, 255)

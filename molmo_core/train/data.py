@@ -25,9 +25,11 @@ Sources (`load_records`):
   * JSONL of `{"image": ..., "caption": ..., "transcripts": [...]}`, `{"image", "label", "points"}` (points
     in percent unless `"point_scale": "pixels"`), or `{"image", "question", "answer"}`;
   * `clocks:N` -> N synthetic clocks from `molmo_core.synthetic.clocks.random_clock` ("What time is being shown?");
-  * `shapes:N[:count|:point][:max=M]` -> N synthetic scenes from `molmo_core.synthetic.shapes.random_scene`, each
-    with a pointing and a counting question (or only the one named) answered from the scene's exact labels, in
-    Molmo v1's answer format; at most M targets per scene (default 6, as the evaluation's `shapes:N`). Training
+  * `shapes:N[:count|:point][:max=M][:plain]` -> N synthetic scenes from `molmo_core.synthetic.shapes.random_scene`,
+    each with a pointing and a counting question (or only the one named) answered from the scene's exact labels, in
+    Molmo v1's answer format (`:number`: "No pointing: How many ...?" answered with the bare count); at most M
+    targets per scene (default 6, as the evaluation's `shapes:N`); `:plain`: the easier scenes of
+    `random_scene(..., plain=True)` (no distractors, larger objects, plain background, 336 x 336). Training
     scenes are numbered from (seed + 1) * 1,000,000, so they are never the scenes 0..N-1 that
     `launch.py --eval --data shapes:N` scores.
 Records whose image is missing are skipped and counted (`DataReport`). Point, count and clock records carry
@@ -303,7 +305,7 @@ def count_answer(points_percent: Sequence[tuple[float, float]], label: str) -> s
 
 
 def shape_records(n: int, seed: int = 0, max_count: int = SHAPES_MAX_COUNT,
-                  tasks: Sequence[str] = ("point", "count")) -> list[Record]:
+                  tasks: Sequence[str] = ("point", "count"), plain: bool = False) -> list[Record]:
     """N synthetic shape scenes (`molmo_core.synthetic.shapes`), numbered from (seed + 1) * SHAPES_SEED_BLOCK, each
     with a "Point to {label}" and / or a "How many {label} are there?" question answered from its exact labels.
 
@@ -316,7 +318,7 @@ def shape_records(n: int, seed: int = 0, max_count: int = SHAPES_MAX_COUNT,
     records = []
     for i in range(n):
         s = (seed + 1) * SHAPES_SEED_BLOCK + i
-        scene = random_scene(s, max_count=max_count)
+        scene = random_scene(s, max_count=max_count, plain=plain)
         w, h = scene.image.size
         xy = [(x / (w / 100), y / (h / 100)) for x, y in scene.points]
         answers = {"point": ("point", format_points(xy, alt=scene.label), point_prompt(scene.label)),
@@ -325,27 +327,28 @@ def shape_records(n: int, seed: int = 0, max_count: int = SHAPES_MAX_COUNT,
         png = io.BytesIO()
         scene.image.save(png, format="PNG")
         records.append(Record(png.getvalue(), [Annotation(*answers[t]) for t in tasks], f"shapes scene {s}",
-                              key=f"shapes:{s}", truth=lambda s=s: _shape_truth(s, max_count)))
+                              key=f"shapes:{s}", truth=lambda s=s: _shape_truth(s, max_count, plain)))
     return records
 
 
-def _shape_truth(seed: int, max_count: int) -> Example:
+def _shape_truth(seed: int, max_count: int, plain: bool = False) -> Example:
     from ..synthetic.shapes import random_scene
 
-    scene = random_scene(seed, max_count=max_count)
+    scene = random_scene(seed, max_count=max_count, plain=plain)
     return Example(0, scene.image, f"shapes scene {seed}", label=scene.label, points=scene.points, masks=scene.masks,
                    count=scene.count)
 
 
 def synthetic_records(spec: str, seed: int) -> list[Record]:
-    """`clocks:N` or `shapes:N[:count|:point][:max=M]` -> records.
+    """`clocks:N` or `shapes:N[:count|:point|:number][:max=M][:plain]` -> records.
 
     Raises:
         DataError: a spec that is not one of those (the message shows the forms).
     """
     name, _, rest = spec.partition(":")
     parts = rest.split(":")
-    usage = "write clocks:N or shapes:N[:count|:point][:max=M] with N a number, e.g. clocks:500 or shapes:200:count:max=3"
+    usage = ("write clocks:N or shapes:N[:count|:point][:max=M][:plain] with N a number, e.g. clocks:500 or "
+             "shapes:200:count:max=3")
     if not parts[0].isdigit() or (name == "clocks" and len(parts) > 1):
         raise DataError(f"{spec!r}: {usage}.")
     n = int(parts[0])
@@ -353,14 +356,17 @@ def synthetic_records(spec: str, seed: int) -> list[Record]:
         return clock_records(n, seed)
     tasks: list[str] = []
     max_count = SHAPES_MAX_COUNT
+    plain = False
     for opt in parts[1:]:
         if opt in ("count", "point", "number"):
             tasks.append(opt)
+        elif opt == "plain":
+            plain = True
         elif opt.startswith("max=") and opt[4:].isdigit():
             max_count = int(opt[4:])
         else:
             raise DataError(f"{spec!r}: unknown option {opt!r}; {usage}.")
-    return shape_records(n, seed, max_count, tasks or ("point", "count"))
+    return shape_records(n, seed, max_count, tasks or ("point", "count"), plain)
 
 
 def load_records(sources: str | Path | Sequence[str | Path], images_dir: str | Path | None = None,

@@ -41,7 +41,7 @@ class TrainArgs:
     model: str = ""
     """Base checkpoint: a local folder or a hub id (e.g. allenai/Molmo-7B-D-0924)."""
     data: list[str] = field(default_factory=list)
-    """Training data: PixMo-Cap parquet, JSONL, a folder of those, clocks:N or shapes:N[:count|:point][:max=M]
+    """Training data: PixMo-Cap parquet, JSONL, a folder of those, clocks:N or shapes:N[:count|:point][:max=M][:plain]
     (several allowed)."""
     out: str = ""
     """Output folder: checkpoints/, metrics.jsonl, loss.png, final/ (and adapter/ for LoRA)."""
