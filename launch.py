@@ -8,8 +8,14 @@
     python launch.py --export-pixmo-cap ./my_project out.parquet
     python launch.py --eval --model A [--model B] --task point --data shapes:100 --out runs/eval
 
-The server listens on 127.0.0.1 unless --host says otherwise; --share is off by default and
---auth user:password adds a login.
+The server listens on 127.0.0.1 unless --host says otherwise; --share is off by default.
+For a team (docs/teams.md):
+
+    python launch.py --users add ada --role admin        # accounts (asks for the password)
+    python launch.py --users add bob --role annotator
+    python launch.py --host 0.0.0.0 --https              # login required; self-signed HTTPS so browsers record
+
+With no accounts and no --auth, the app runs without login, and only on a loopback address.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 DEFAULT_HUB_MODEL = "allenai/Molmo-7B-D-0924"
 SMALL_HUB_MODEL = "allenai/MolmoE-1B-0924"
 CHECKPOINTS_DIR = Path("checkpoints")
+STUDIO_DIR = ".studio"  # under the data root: users.json, audit.jsonl, tls/
 
 
 @dataclass(frozen=True)
@@ -87,9 +94,53 @@ def choose_startup_model() -> StartupChoice:
         "Annotation and export work without a model."))
 
 
+def access_control(data_root: str | Path, auth: str | None, host: str, share: bool):
+    """The login mode: the users file under the data root, or --auth's single admin, or (loopback only)
+    no login. Raises SystemExit with what to do when the combination is unsafe."""
+    from app.access import AccessControl, Accounts, SingleAccount
+    from app.audit import AuditLog
+    from app.paths import is_loopback
+
+    studio = Path(data_root) / STUDIO_DIR
+    accounts = Accounts(studio / "users.json")
+    audit = AuditLog(studio / "audit.jsonl")
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("--auth must look like user:password")
+        if accounts:
+            raise SystemExit(f"--auth and the accounts in {accounts.path} both configure logins; drop --auth.")
+        return AccessControl(SingleAccount(user, password), audit=audit)
+    if accounts:
+        return AccessControl(accounts, audit=audit)
+    if share or not is_loopback(host):
+        where = "a share link" if share else f"{host}"
+        raise SystemExit(f"Serving on {where} needs a login: add accounts first, e.g. `python launch.py "
+                         f"--data-root {data_root} --users add NAME --role admin` (or use --auth user:password).")
+    return AccessControl(None, audit=audit)
+
+
+def tls_files(data_root: str | Path, host: str, https: bool, certfile: str | None,
+              keyfile: str | None) -> tuple[str | None, str | None, bool]:
+    """(certfile, keyfile, self_signed) for launch; --https makes or reuses a self-signed certificate."""
+    if bool(certfile) != bool(keyfile):
+        raise SystemExit("--ssl-certfile and --ssl-keyfile go together.")
+    if certfile:
+        return certfile, keyfile, False
+    if not https:
+        return None, None, False
+    from app.tls import fingerprint, self_signed
+
+    cert, key = self_signed(Path(data_root) / STUDIO_DIR / "tls", host=host)
+    print(f"HTTPS with a self-signed certificate {cert}\n  SHA-256 fingerprint {fingerprint(cert)}\n"
+          "  annotators' browsers warn about it once: compare this fingerprint before accepting.", flush=True)
+    return str(cert), str(key), True
+
+
 def main(model: str | None = None, quantize: str | None = None, max_crops: int = 12, host: str = "127.0.0.1",
          port: int | None = None, share: bool = False, auth: str | None = None, queue_size: int = 64,
-         annotate: str | None = None, block: bool = True):
+         annotate: str | None = None, block: bool = True, data_root: str = "projects", https: bool = False,
+         ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
     """Serve the UI. Returns the Blocks (already launched; with `block=False` the call returns at once).
 
     Args:
@@ -99,10 +150,13 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
         host: interface to listen on (127.0.0.1: this machine only).
         port: port (None: the first free one from 7860).
         share: create a public gradio.live link (explicit opt-in).
-        auth: "user:password" to require a login.
+        auth: "user:password": one admin login (accounts under the data root are the team way).
         queue_size: requests that may wait in the queue before new ones are refused.
         annotate: a project folder to open on the Annotate tab.
         block: keep serving until interrupted (False: return after launch; for tests).
+        data_root: projects, accounts, the audit log and the certificate live here.
+        https: serve HTTPS with a self-signed certificate (made once, kept under the data root).
+        ssl_certfile, ssl_keyfile: serve HTTPS with this certificate instead.
     """
     from app import CSS, MolmoService, build_demo
     from molmo_core.preprocessing import MAX_FILE_BYTES
@@ -110,17 +164,14 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
     # Unexpected errors in handlers are logged with their traceback and a reference the user sees.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    credentials = None
-    if auth:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise SystemExit("--auth must look like user:password")
-        credentials = [(user, password)]
-    if share and not credentials:
-        print("warning: --share without --auth makes the app public to anyone with the link", file=sys.stderr)
-    if host not in ("127.0.0.1", "localhost", "::1") and not credentials:
-        print(f"warning: listening on {host} without --auth: anyone who can reach this machine can use the app",
-              file=sys.stderr)
+    from app.paths import Roots, is_loopback
+
+    roots = Roots(data_root)
+    control = access_control(roots.data_root, auth, host, share)
+    certfile, keyfile, self_signed = tls_files(roots.data_root, host, https, ssl_certfile, ssl_keyfile)
+    if not certfile and not is_loopback(host):
+        print(f"note: serving plain HTTP on {host}: browsers on other machines give the page no microphone, so "
+              "annotators there cannot record. Add --https (or --ssl-certfile/--ssl-keyfile).", file=sys.stderr)
 
     service = MolmoService()
     if model:
@@ -133,12 +184,16 @@ def main(model: str | None = None, quantize: str | None = None, max_crops: int =
         service.load(choice.source, choice.quantize, max_crops)  # background thread; UI opens at once
 
     demo = build_demo(service, default_tab="annotate" if annotate else None, annotate_dir=annotate,
-                      notice=choice.notice)
+                      notice=choice.notice, control=control, roots=roots)
     # Up to 8 handlers run at once: the runner groups their generations into one batch (molmo_core.serving).
     demo.queue(max_size=queue_size, default_concurrency_limit=8)
-    _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share, auth=credentials,
-                                          prevent_thread_lock=True, css=CSS, show_error=False, quiet=True,
-                                          max_file_size=MAX_FILE_BYTES)  # uploads: images and recordings
+    _, local_url, share_url = demo.launch(
+        server_name=host, server_port=port, share=share, auth=control.accounts.check if control.login else None,
+        auth_message="Molmo Studio: sign in with the account your admin made for you.",
+        prevent_thread_lock=True, css=CSS, show_error=False, quiet=True,
+        max_file_size=MAX_FILE_BYTES,  # uploads: images and recordings
+        blocked_paths=[str(roots.data_root / STUDIO_DIR)],  # accounts, audit log, TLS key: never served
+        ssl_certfile=certfile, ssl_keyfile=keyfile, ssl_verify=not self_signed)
     _print_startup(service, choice, local_url, share_url)
     if block:
         try:
@@ -171,7 +226,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: first free from 7860)")
     p.add_argument("--share", action="store_true", help="create a public share link (off by default)")
-    p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="one admin login (for a team, use --users)")
+    p.add_argument("--data-root", default="projects",
+                   help="projects, accounts, audit log and certificate live here (default ./projects)")
+    p.add_argument("--https", action="store_true",
+                   help="serve HTTPS with a self-signed certificate (made once, kept under the data root)")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     p.add_argument("--queue-size", type=int, default=64, help="max waiting requests (default 64)")
     # Other verbs: each takes over the command line.
     p.add_argument("--annotate", metavar="FOLDER", help="open on the Annotate tab with this project folder")
@@ -181,7 +242,59 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate models or saved answers: everything after --eval goes to molmo_core.eval.cli")
     p.add_argument("--export-pixmo-cap", nargs=2, metavar=("FOLDER", "OUT_PARQUET"),
                    help="export an annotation project as PixMo-Cap parquet")
+    p.add_argument("--users", nargs="+", metavar="ACTION",
+                   help="manage accounts: list | add NAME --role admin|annotator | remove NAME | reset NAME "
+                        "(passwords are asked for, or read from stdin with --password-stdin)")
+    p.add_argument("--role", choices=["admin", "annotator"], help="with --users add")
+    p.add_argument("--password-stdin", action="store_true", help="with --users add/reset: read the password from stdin")
     return p
+
+
+def users_cli(data_root: str, action: list[str], role: str | None, password_stdin: bool) -> int:
+    """`--users list|add|remove|reset`: the accounts file under the data root; changes go to the audit log."""
+    import getpass
+
+    from app.access import AccountError, Accounts
+    from app.audit import AuditLog
+
+    studio = Path(data_root).resolve() / STUDIO_DIR
+    accounts, audit = Accounts(studio / "users.json"), AuditLog(studio / "audit.jsonl")
+    verb, names = action[0], action[1:]
+
+    def password() -> str:
+        if password_stdin:
+            return sys.stdin.readline().rstrip("\n")
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat it: ") != first:
+            raise AccountError("The two passwords differ; nothing changed.")
+        return first
+
+    try:
+        if verb == "list" and not names:
+            users = accounts.list()
+            for u in users:
+                print(f"{u.name}\t{u.role}")
+            if not users:
+                print(f"no accounts in {accounts.path}")
+            return 0
+        if verb in ("add", "remove", "reset") and len(names) == 1:
+            name = names[0]
+            if verb == "add":
+                if not role:
+                    raise AccountError("--users add needs --role admin or --role annotator.")
+                accounts.add(name, role, password())
+            elif verb == "remove":
+                accounts.remove(name)
+            else:
+                accounts.reset(name, password())
+            audit.write(None, f"cli users {verb}", "ok", target=name, **({"role": role} if verb == "add" else {}))
+            print(f"{verb}: {name} ({accounts.path})")
+            return 0
+    except AccountError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("usage: --users list | add NAME --role admin|annotator | remove NAME | reset NAME", file=sys.stderr)
+    return 2
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -194,6 +307,8 @@ def cli(argv: list[str] | None = None) -> int:
         from molmo_core.eval.cli import main as eval_main
 
         return int(eval_main(args.eval) or 0)
+    if args.users:
+        return users_cli(args.data_root, args.users, args.role, args.password_stdin)
     if args.export_pixmo_cap:
         from annotate.cli import main_export
 
@@ -203,7 +318,8 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     # Default verb: serve the UI (--annotate opens the Annotate tab).
     main(model=args.model, quantize=args.quantize, max_crops=args.max_crops, host=args.host, port=args.port,
-         share=args.share, auth=args.auth, queue_size=args.queue_size, annotate=args.annotate)
+         share=args.share, auth=args.auth, queue_size=args.queue_size, annotate=args.annotate,
+         data_root=args.data_root, https=args.https, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 

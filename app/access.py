@@ -230,6 +230,7 @@ class AccessControl:
 
     accounts: Accounts | SingleAccount | None = None
     annotators_use_tasks: bool = False  # admins may let annotators use the task tabs on the loaded model
+    audit: Any = None  # app.audit.AuditLog: admin actions and refusals
 
     @property
     def login(self) -> bool:
@@ -255,12 +256,23 @@ class AccessControl:
         return rule == ANNOTATOR or (rule == TASKS and self.annotators_use_tasks)
 
     def check(self, request: Any, rule: str, event: str) -> User | None:
-        user = self.user(request)
+        try:
+            user = self.user(request)
+        except AccessDenied:
+            self._audit(None, event, "refused: not signed in")
+            raise
         if not self.allows(user, rule):
             log.warning("refused %s for %s (%s)", event, user.name if user else "nobody", user.role if user else "-")
+            self._audit(user, event, "refused")
             who = "admins" if rule == ADMIN else "admins (and annotators, when an admin allows the task tabs)"
             raise AccessDenied(f"{user.name if user else 'You'} may not do this ({event}): only {who} may.")
+        if rule == ADMIN:
+            self._audit(user, event, "allowed")
         return user
+
+    def _audit(self, user: User | None, event: str, outcome: str) -> None:
+        if self.audit is not None:
+            self.audit.write(user.name if user else None, event, outcome)
 
 
 def _denied(message: str) -> Exception:
@@ -357,7 +369,7 @@ POLICY: dict[str, str] = {
     "load_model": ADMIN,
     # the task tabs on the loaded model
     "point": TASKS, "count": TASKS, "render_*": TASKS, "point_submit": TASKS, "read_clock": TASKS,
-    "ask*": TASKS, "clear_chat": TASKS, "new_image_clear_chat": TASKS, "caption": TASKS,
+    "ask*": TASKS, "clear_chat": TASKS, "new_image_clear_chat": TASKS, "caption": TASKS, "load_example*": TASKS,
     # annotation; the speech-model choice is an admin's
     "annotate_*": ANNOTATOR, "annotate_pick_asr_model": ADMIN,
     # admin tabs

@@ -1,13 +1,17 @@
 """The Annotate tab: speak about an image, review the transcript, save a PixMo-Cap record.
 
-Layout and wiring only; the work is done by ``annotate/`` (store, audio, ASR, caption). Handlers
-are plain functions ``(inputs..., session) -> outputs`` so tests can call them directly, and every
-event has an ``api_name`` starting with ``annotate_`` for gradio_client. User-facing failures are
-``gr.Error`` with a message saying what to do, never a traceback.
+Layout and wiring only: the session and its rules (next image, transcription bookkeeping, caption
+source, stale transcripts, save) are ``annotate.session``'s, the rest ``annotate/``'s. Handlers are
+plain methods ``(inputs..., session) -> outputs`` so tests can call them directly, and every event has
+an ``api_name`` starting with ``annotate_`` for gradio_client. User-facing failures are ``gr.Error``
+(through ``user_errors``) with a message saying what to do, never a traceback.
+
+Identity: with login the annotator is the signed-in account (``app.access.current_user``); the name
+box is hidden and any name sent is ignored, and progress shows other annotators' counts to admins
+only. Without login (one person on loopback) the typed name is used.
 """
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from pathlib import Path
@@ -15,21 +19,16 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from annotate.asr import AsrError, AsrModelMissing, Transcriber, installed_models
-from annotate.audio import (
-    AudioDecodeError,
-    AudioDeviceError,
-    decode_audio,
-    list_input_devices,
-    record,
-    write_wav,
-)
-from annotate.caption import draft_caption
-from annotate.protocol import GUIDING_QUESTIONS, TimerRules, blocking, check_recording
-from annotate.store import AlreadyAnnotatedError, Store, StoreError, check_annotator
+from annotate.asr import Transcriber, installed_models
+from annotate.audio import AudioDeviceError, list_input_devices, record, write_wav
+from annotate.protocol import GUIDING_QUESTIONS, TimerRules
+from annotate.session import AnnotationSession, annotator_name, progress_text, recording_check
+from annotate.store import Store, StoreError
 from molmo_core.preprocessing import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 
+from .access import current_user
 from .handlers import USER_ERRORS, user_errors
+from .paths import PathRefused, Roots
 from .tempfiles import new_temp_file
 
 CAPTION_MAX_NEW_TOKENS = 400
@@ -48,11 +47,19 @@ def _project_key(project_dir: str | None) -> str | None:
     return str(Path(folder).expanduser().resolve()) if folder else None
 
 
-def get_store(project_dir: str | None, annotations_per_image: int | None = None) -> Store:
-    """One ``Store`` per project folder per process (opened, and scanned, on first use)."""
+def get_store(project_dir: str | None, annotations_per_image: int | None = None, roots: Roots | None = None) -> Store:
+    """One ``Store`` per project folder per process (opened, and scanned, on first use).
+
+    With ``roots``, a folder outside the data root is refused (a store writes into its folder)."""
     key = _project_key(project_dir)
     if key is None:
-        raise _error("Enter a project folder (a folder of images, or one holding images.txt).")
+        raise _error("Pick a project first." if roots is not None else
+                     "Enter a project folder (a folder of images, or one holding images.txt).")
+    if roots is not None:
+        try:
+            key = str(roots.inside(key, "Project folder", write=True))
+        except PathRefused as e:
+            raise _error(str(e)) from None
     with _stores_lock:
         store = _stores.get(key)
         if store is None:
@@ -93,17 +100,19 @@ def _display_image(path: Path) -> tuple[Any, str]:
     return shown, ""
 
 
-def new_session() -> dict[str, Any]:
-    return {"project": None, "annotator": None, "image_id": None, "raw": "", "segments": [],
-            "language": None, "asr_model": None, "asr_model_sha256": None, "asr_audio": None, "caption_draft": None,
-            "caption_model": None}
+def new_session() -> AnnotationSession:
+    return AnnotationSession()
 
 
-def _annotator(name: str | None) -> str:
-    try:
-        return check_annotator(name)
-    except ValueError as e:
-        raise _error(str(e)) from None
+def _caller(typed_name: str | None) -> tuple[str | None, bool]:
+    """(the annotator name to use, whether the caller may see other annotators' counts).
+
+    With login the name is the signed-in account's, whatever was typed; only admins see others. Without
+    login (one person on loopback) it is the typed name, and everything is visible."""
+    user = current_user()
+    if user is not None:
+        return user.name, user.is_admin
+    return typed_name, True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,106 +120,95 @@ def _annotator(name: str | None) -> str:
 
 
 class AnnotateHandlers:
-    """The tab's handlers, bound to a transcriber, timer rules and the runner getter."""
+    """The tab's handlers: Gradio values in, ``annotate.session`` does the work, Gradio values out.
+
+    Bound to a transcriber, timer rules, the runner getter and, when given, the data roots (projects
+    are then names under the data root)."""
 
     def __init__(self, get_runner: Callable[[], Any], transcriber: Transcriber, rules: TimerRules,
-                 annotations_per_image: int | None = None) -> None:
+                 annotations_per_image: int | None = None, roots: Roots | None = None) -> None:
         self.get_runner = get_runner
         self.transcriber = transcriber
         self.rules = rules
         self.annotations_per_image = annotations_per_image
+        self.roots = roots
+
+    def _project_path(self, project: str | None) -> str | None:
+        """The project box's value -> the project folder's absolute path (None when empty).
+
+        With roots the value is a project name under the data root (anything else is refused)."""
+        if self.roots is None:
+            return _project_key(project)
+        if not (project or "").strip():
+            return None
+        try:
+            return str(self.roots.project(project))
+        except PathRefused as e:
+            raise _error(str(e)) from None
+
+    def _open(self, path: str | None) -> Store:
+        return get_store(path, self.annotations_per_image, self.roots)
 
     def _store(self, project: str | None) -> Store:
-        return get_store(project, self.annotations_per_image)
+        if self.roots is not None and not (project or "").strip():
+            raise _error("Pick a project from the list first.")
+        return self._open(self._project_path(project))
 
-    def _current(self, session, annotator, project, verb: str) -> tuple[dict, str, Store]:
-        """The session's image, annotator and the store the image came from.
+    # -- identity and projects -------------------------------------------------------------------
 
-        The image id only means something in the project it was drawn from: a project folder or name
-        edited since 'Next image' is refused instead of writing to another image."""
-        s = copy.deepcopy(session or new_session())
-        if s.get("image_id") is None or not s.get("project"):
-            raise _error(f"No image to {verb}: press 'Next image' first.")
-        who = _annotator(annotator)
-        typed = _project_key(project)
-        if typed != s["project"] or who != s["annotator"]:
-            raise _error(f"Not done: the image was given to {s['annotator']} in {s['project']}, but the boxes now say "
-                         f"{who} in {typed or '(no folder)'}. Put them back, or press 'Next image' to start over.")
-        return s, who, get_store(s["project"], self.annotations_per_image)
+    def whoami(self):
+        """On page load: the name box without login; 'Signed in as ...' with it (admin box for admins)."""
+        user = current_user()
+        if user is None:
+            return gr.update(visible=True), gr.update(value="", visible=False), gr.update(visible=True)
+        return (gr.update(visible=False), gr.update(value=f"Signed in as **{user.name}**", visible=True),
+                gr.update(visible=user.is_admin))
 
-    # -- queue ---------------------------------------------------------------------------------
+    @user_errors("listing the projects")
+    def projects(self, current=None):
+        names = self.roots.projects() if self.roots is not None else []
+        return gr.update(choices=names, value=current if current in names else None)
+
+    # -- queue -----------------------------------------------------------------------------------
 
     @user_errors("getting the next image")
     def next_image(self, annotator, project, session):
         """-> session, image, image info, caption, audio, raw, transcript, check, status, progress."""
-        who = _annotator(annotator)
+        who, see_all = _caller(annotator)
+        annotator_name(who)  # a missing name is said before anything about the project
         store = self._store(project)
-        s = new_session()
-        s["project"], s["annotator"] = str(store.root), who
-        note_list: list[str] = []
-        try:
-            task = store.next_image(who, notes=note_list)
-        except (StoreError, ValueError) as e:
-            raise _error(str(e)) from None
-        progress = store.progress().summary(who)
-        notes = " ".join(note_list)
-        if task is None:
-            status = "Nothing left for you in this project: every image has its annotations, or you did or skipped the rest."
-            if store.progress().missing:
-                status += " Some image files are missing (see progress)."
-            return (s, None, "No image.", "", None, "", "", "", (notes + " " + status).strip(), progress)
-        s["image_id"] = task.image_id
-        cap = store.caption(task.image_id)
-        image_value, problem = _display_image(task.abs_path) if task.abs_path else (None, "")
-        if problem:
-            notes = (notes + " " + problem).strip()
-        info = (f"**{task.display_name}** (image {task.image_id}; {task.done} of {task.needed} "
-                f"annotation{'s' if task.needed != 1 else ''} so far)")
-        if task.abs_path is None and task.url:
-            info += f"\n\nRemote image, open it here: {task.url}"
-        status = (notes + " " if notes else "") + f"Describe the image aloud. {self.rules.guidance()}"
-        return (s, image_value, info, cap["caption"] if cap else "", None, "", "", "", status, progress)
+        s = AnnotationSession()
+        nxt = s.start(store, who, self.rules.guidance())
+        image_value = None
+        if nxt.task is not None and nxt.task.abs_path:
+            image_value, problem = _display_image(nxt.task.abs_path)
+            if problem:
+                nxt.notes.append(problem)
+        progress = progress_text(store, s.annotator, others=see_all)
+        return (s, image_value, nxt.info, nxt.caption, None, "", "", "", nxt.status, progress)
 
     @user_errors("skipping the image")
     def skip(self, annotator, project, session):
-        s, who, store = self._current(session, annotator, project, "skip")
-        store.skip(s["image_id"], who)
+        s = AnnotationSession.restore(session)
+        who, _ = _caller(annotator)
+        image_id = s.skip(self._open, self._project_path(project), who)
         out = self.next_image(annotator, project, s)
-        return out[:8] + (f"Skipped image {s['image_id']}. " + out[8], out[9])
+        return out[:8] + (f"Skipped image {image_id}. " + out[8], out[9])
 
     @user_errors("flagging the image")
     def flag(self, annotator, project, reason, session):
-        s, who, store = self._current(session, annotator, project, "flag")
-        if not (reason or "").strip():
-            raise _error("Say why the image is bad (broken, offensive, duplicate, unreadable ...) in the flag reason box.")
-        store.flag(s["image_id"], who, reason)
+        s = AnnotationSession.restore(session)
+        who, _ = _caller(annotator)
+        image_id = s.flag(self._open, self._project_path(project), who, reason)
         out = self.next_image(annotator, project, s)
-        return out[:8] + (f"Flagged image {s['image_id']} ({reason.strip()}). " + out[8], out[9])
+        return out[:8] + (f"Flagged image {image_id} ({reason.strip()}). " + out[8], out[9])
 
-    # -- recording -----------------------------------------------------------------------------
-
-    def _decode(self, audio_path):
-        if not audio_path:
-            raise _error("No recording yet: record with the microphone (or upload a file) first.")
-        try:
-            return decode_audio(audio_path)
-        except (AudioDecodeError, FileNotFoundError) as e:
-            raise _error(str(e)) from None
+    # -- recording -------------------------------------------------------------------------------
 
     @user_errors("checking the recording")
     def check(self, audio_path):
         """Recording check text for the box under the recorder."""
-        if not audio_path:
-            return ""
-        try:
-            audio = decode_audio(audio_path)
-        except (AudioDecodeError, FileNotFoundError) as e:
-            return f"Problem: {e}"
-        warnings = check_recording(audio.samples, audio.sample_rate, self.rules)
-        head = f"{audio.duration:.1f} s at {audio.sample_rate} Hz."
-        if not warnings:
-            return f"{head} Good length."
-        return head + " " + " ".join(str(w) for w in warnings)
+        return recording_check(audio_path, self.rules)
 
     def timer_start(self):
         return time.time(), gr.Timer(active=True), self.rules.timer_text(0)
@@ -236,38 +234,19 @@ class AnnotateHandlers:
         write_wav(audio, out)
         return str(out), self.check(str(out))
 
-    # -- transcription, caption, save ----------------------------------------------------------
+    # -- transcription, caption, save ------------------------------------------------------------
 
     @user_errors("transcribing")
     def transcribe(self, audio_path, session):
         """-> session, raw ASR, transcript, segments, status."""
-        s = copy.deepcopy(session or new_session())
-        audio = self._decode(audio_path)
-        warnings = check_recording(audio.samples, audio.sample_rate, self.rules)
-        try:
-            result = self.transcriber.transcribe(audio_path)
-        except (AsrModelMissing, AsrError) as e:
-            raise _error(str(e)) from None
-        s.update(raw=result.text, segments=result.segments_as_dicts(), language=result.language,
-                 asr_model=result.model, asr_model_sha256=result.model_sha256, asr_audio=str(audio_path))
-        status = f"Transcribed {result.duration:.1f} s into {len(result.segments)} segments; edit the transcript if needed."
-        if warnings:
-            status += " " + " ".join(str(w) for w in warnings)
-        if not result.segments:
-            status += " No speech was recognised."
-        if result.note:
-            status += " " + result.note
-        return s, result.text, result.text, result.segments_as_dicts(), status
+        s = AnnotationSession.restore(session)
+        out = s.transcribe(self.transcriber, audio_path, self.rules)
+        return s, out.raw, out.raw, out.segments, out.status
 
     @user_errors("drafting the caption")
     def draft(self, transcript, project, session):
         """-> session, caption, status."""
-        s = copy.deepcopy(session or new_session())
-        texts: list[str] = []
-        if s.get("image_id") is not None and s.get("project"):
-            texts = get_store(s["project"], self.annotations_per_image).transcripts(s["image_id"])
-        if (transcript or "").strip():
-            texts.append(transcript)
+        s = AnnotationSession.restore(session)
         runner = self.get_runner() if self.get_runner else None
         gen, failures = None, []
         if runner is not None:
@@ -277,52 +256,20 @@ class AnnotateHandlers:
                 except Exception as e:
                     failures.append(e)
                     raise
-        result = draft_caption(texts, gen)
+        result = s.draft(self._open, transcript, gen, getattr(runner, "name", None))
         if failures and not isinstance(failures[0], USER_ERRORS):
             raise failures[0]  # a bug, not a model message: user_errors logs it with a ref
         if not result.ok:
             return s, gr.update(), result.status
-        s["caption_draft"] = result.text
-        s["caption_model"] = getattr(runner, "name", None)
         return s, result.text, result.status
 
     @user_errors("saving the annotation")
     def save(self, annotator, project, audio_path, transcript, caption, session):
         """-> session, status, progress."""
-        s, who, store = self._current(session, annotator, project, "save")
-        audio = self._decode(audio_path)
-        problems = blocking(check_recording(audio.samples, audio.sample_rate, self.rules))
-        if problems:
-            raise _error("Not saved. " + " ".join(str(w) for w in problems))
-        if not (transcript or "").strip():
-            raise _error("Not saved: the transcript is empty. Press 'Transcribe' (or type what you said) first.")
-        if s.get("asr_audio") and s["asr_audio"] != str(audio_path) and transcript.strip() == s.get("raw", "").strip():
-            raise _error("Not saved: the transcript is the one of an earlier recording. Press 'Transcribe' for this "
-                         "recording (or edit the transcript to match it).")
-        raw = s.get("raw", "") if s.get("asr_audio") == str(audio_path) else ""
-        cap = (caption or "").strip() or None
-        stored = store.caption(s["image_id"])
-        if cap and stored and cap == stored["caption"]:
-            cap = None  # shown as it is stored: keep its author and source
-        draft = s.get("caption_draft")
-        source = "manual" if not draft else ("model" if cap == draft else "model+edited")
-        try:
-            rec = store.save_annotation(
-                s["image_id"], who, audio, raw, transcript,
-                segments=s.get("segments", []) if raw else [],
-                language=s.get("language"), asr_model=s.get("asr_model") if raw else None,
-                caption=cap, caption_source=source, caption_model=s.get("caption_model") if draft else None,
-                asr_model_sha256=s.get("asr_model_sha256") if raw else None,
-            )
-        except (AlreadyAnnotatedError, StoreError, ValueError) as e:
-            raise _error(str(e)) from None
-        except OSError as e:
-            raise _error(f"Not saved: could not write the audio receipt ({e}). Free some disk space and save again.") from None
-        status = (f"Saved annotation {rec.id} for image {rec.image_id}: {rec.duration:.1f} s of audio "
-                  f"kept as {rec.audio_path} (sha256 {rec.audio_sha256[:12]}...)"
-                  + ("" if cap or stored else "; no caption yet") + ". Press 'Next image' to continue.")
-        s["image_id"] = None
-        return s, status, store.progress().summary(who)
+        s = AnnotationSession.restore(session)
+        who, see_all = _caller(annotator)
+        saved = s.save(self._open, self._project_path(project), who, audio_path, transcript, caption, self.rules)
+        return s, saved.status, progress_text(self._open(s.project), saved.record.annotator, others=see_all)
 
     def model_status(self) -> str:
         t = self.transcriber
@@ -332,6 +279,9 @@ class AnnotateHandlers:
     @user_errors("switching the speech model")
     def pick_model(self, name):
         """Admin: use another installed speech model from the next transcription on."""
+        user = current_user()
+        if user is not None and not user.is_admin:
+            raise _error(f"{user.name} may not switch the speech model: only admins may.")
         try:
             self.transcriber.set_model(name)
         except ValueError as e:
@@ -340,9 +290,21 @@ class AnnotateHandlers:
 
     @user_errors("reading the progress")
     def progress(self, annotator, project):
+        """The progress line: with login, for the caller (others' counts for admins only)."""
         store = self._store(project)
-        name = (annotator or "").strip() or None
-        return store.progress().summary(name)
+        who, see_all = _caller(annotator)
+        return progress_text(store, (who or "").strip() or None, others=see_all)
+
+
+def _default_project(default: str | None, roots: Roots, names: list[str]) -> str | None:
+    """The project name to preselect: ``default`` when it names a listed project (or is its folder)."""
+    text = (default or "").strip()
+    if not text:
+        return None
+    if text in names:
+        return text
+    folder = Path(text).expanduser().resolve()
+    return folder.name if folder.parent == roots.data_root and folder.name in names else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,29 +317,41 @@ def create_annotate_tab(
     transcriber: Transcriber | None = None,
     rules: TimerRules | None = None,
     annotations_per_image: int | None = None,
+    roots: Roots | None = None,
 ) -> dict[str, gr.components.Component]:
     """Build the Annotate tab's components inside the current ``gr.Blocks`` / ``gr.Tab`` context.
 
     Args:
-        project_dir_default: the project folder shown at start (``launch.py --annotate <folder>``).
+        project_dir_default: the project shown at start (``launch.py --annotate <folder>``): a folder,
+            or with ``roots`` a project name (or a folder directly under the data root).
         get_runner: returns the loaded molmo_core runner, or None when no model is loaded.
         transcriber: the speech recogniser (default: ``Transcriber()``, i.e. $MOLMO_WHISPER_MODEL
             or small.en, loaded on first use).
         rules: timer rules (default: from $MOLMO_ANNOTATE_MIN_SECONDS / _TARGET_SECONDS, else 60/90 s).
         annotations_per_image: N for new projects (None keeps a project's stored value; default 1).
+        roots: the data roots. Given, the project is picked from a (refreshable) list of the projects
+            under the data root and resolved with ``roots.project(name)``; None, it is a free folder box.
 
     Returns:
         The components by name (for the caller's own wiring and for tests).
     """
     rules = rules or TimerRules.from_env()
-    h = AnnotateHandlers(get_runner, transcriber or Transcriber(), rules, annotations_per_image)
+    h = AnnotateHandlers(get_runner, transcriber or Transcriber(), rules, annotations_per_image, roots)
     session = gr.State(new_session())
     rec_started = gr.State(None)
     c: dict[str, Any] = {}
     with gr.Row():
         c["annotator"] = gr.Textbox(label="Annotator name", elem_id="annotate_annotator", scale=1)
-        c["project"] = gr.Textbox(label="Project folder", value=project_dir_default or "",
-                                  elem_id="annotate_project", scale=3)
+        c["signed_in"] = gr.Markdown("", visible=False, elem_id="annotate_signed_in")
+        if roots is None:
+            c["project"] = gr.Textbox(label="Project folder", value=project_dir_default or "",
+                                      elem_id="annotate_project", scale=3)
+        else:
+            names = roots.projects()
+            c["project"] = gr.Dropdown(names, value=_default_project(project_dir_default, roots, names),
+                                       label="Project", elem_id="annotate_project", scale=3)
+            c["projects_refresh"] = gr.Button("Refresh list", elem_id="annotate_projects_refresh", scale=0,
+                                              min_width=100)
         c["next"] = gr.Button("Next image", variant="primary", elem_id="annotate_next", scale=1)
     c["progress"] = gr.Textbox(label="Progress", interactive=False, elem_id="annotate_progress")
     with gr.Row():
@@ -422,7 +396,7 @@ def create_annotate_tab(
                                       elem_id="annotate_flag_reason", scale=3)
         c["flag"] = gr.Button("Flag bad image", variant="stop", elem_id="annotate_flag")
     c["status"] = gr.Textbox(label="Status", interactive=False, elem_id="annotate_status")
-    with gr.Accordion("Speech model (admin)", open=False):
+    with gr.Accordion("Speech model (admin)", open=False) as c["asr_admin"]:
         choices = [(m.label, m.name) for m in installed_models()]
         with gr.Row():
             c["asr_model"] = gr.Dropdown(choices, value=None, label="Installed speech models",
@@ -434,6 +408,10 @@ def create_annotate_tab(
 
     next_outputs = [session, c["image"], c["image_info"], c["caption"], c["audio"], c["raw"],
                     c["transcript"], c["check"], c["status"], c["progress"]]
+    gr.on(None, h.whoami, [], [c["annotator"], c["signed_in"], c["asr_admin"]], api_name="annotate_whoami",
+          api_visibility="undocumented", queue=False)
+    if roots is not None:
+        c["projects_refresh"].click(h.projects, [c["project"]], [c["project"]], api_name="annotate_projects")
     c["next"].click(h.next_image, [c["annotator"], c["project"], session], next_outputs, api_name="annotate_next")
     c["skip"].click(h.skip, [c["annotator"], c["project"], session], next_outputs, api_name="annotate_skip")
     c["flag"].click(h.flag, [c["annotator"], c["project"], c["flag_reason"], session], next_outputs,

@@ -41,6 +41,7 @@ from molmo_core.eval.runner import (PredictionsError, ExampleResult, ModelResult
                                     score_model)
 
 from .handlers import USER_ERRORS, user_errors
+from .paths import Roots
 from .service import MolmoService
 
 log = logging.getLogger("molmo_studio")
@@ -297,16 +298,21 @@ class EvalManager:
     Args:
         service: the app's service; its loaded runner is used as it is for "loaded model".
         loader: loads other models (default `molmo_core.load`); each is closed after its answers.
-        roots: extra folders data and checkpoints may come from (the working directory always may).
+        roots: the app's allowed folders (`app.paths.Roots`: data root, checkpoints, $MOLMO_STUDIO_DATA_DIRS),
+            or extra folders next to the working directory.
         out_root: where runs are written (default `runs/eval` under the working directory).
         batch_size: examples per batched generation, and how often progress moves.
     """
 
     def __init__(self, service: MolmoService, *, loader: Callable[..., Any] | None = None,
-                 roots: Sequence[str | Path] = (), out_root: str | Path | None = None, batch_size: int = BATCH_SIZE):
+                 roots: Sequence[str | Path] | Roots = (), out_root: str | Path | None = None,
+                 batch_size: int = BATCH_SIZE):
         self.service = service
         self._loader = loader
-        self._roots = list(roots)
+        self._app_roots = roots if isinstance(roots, Roots) else None
+        self._roots = [] if isinstance(roots, Roots) else list(roots)
+        if out_root is None and self._app_roots is not None:
+            out_root = self._app_roots.data_root / "runs" / "eval"
         self._out_root = out_root
         self.batch_size = batch_size
         self._jobs: dict[str, EvalJob] = {}
@@ -315,7 +321,8 @@ class EvalManager:
         self._worker: threading.Thread | None = None
 
     def roots(self) -> list[Path]:
-        return allowed_roots(self._roots)
+        """The app's allowed folders when it runs confined (app.paths.Roots), else the working directory + extras."""
+        return self._app_roots.all if self._app_roots is not None else allowed_roots(self._roots)
 
     # ------------------------------------------------------------------ submit / query
 
@@ -595,15 +602,15 @@ class EvalHandlers:
 
 
 def create_eval_tab(service: MolmoService, *, loader: Callable[..., Any] | None = None,
-                    roots: Sequence[str | Path] = (), out_root: str | Path | None = None,
+                    roots: Sequence[str | Path] | Roots = (), out_root: str | Path | None = None,
                     batch_size: int = BATCH_SIZE) -> dict[str, Any]:
     """Build the Eval tab's components inside the current `gr.Blocks` / `gr.Tab` context; returns them."""
     h = EvalHandlers(EvalManager(service, loader=loader, roots=roots, out_root=out_root, batch_size=batch_size))
     c: dict[str, Any] = {"handlers": h}
     job_id = gr.State(None)
     gr.Markdown("Score models on pointing, counting or clock reading with AI2's metric definitions (the same "
-                "evaluation as `launch.py --eval`). Data files must be under the app's working directory "
-                f"(or a folder in `${DATA_DIRS_ENV}`). Other models are loaded for the run and freed after.")
+                "evaluation as `launch.py --eval`). Data files must be under the app's allowed folders "
+                f"(the data root, ./checkpoints, or a folder in `${DATA_DIRS_ENV}`). Other models are loaded for the run and freed after.")
     with gr.Row():
         with gr.Column():
             c["task"] = gr.Radio(list(TASKS), value="point", label="Task", elem_id="eval_task")

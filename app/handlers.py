@@ -13,7 +13,9 @@ import functools
 import inspect
 import json
 import logging
+import re
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
@@ -25,6 +27,7 @@ from annotate.store import StoreError
 from molmo_core.errors import CheckpointError, ModelUnloadedError, MolmoInputError
 from molmo_core.outputs import Point, parse_points, strip_tags
 
+from .paths import PathRefused, Roots
 from .render import draw_clock_face, draw_count_badge, draw_points
 from .service import MolmoService, NoModelError, ServiceBusyError, prepare_image
 from .tempfiles import new_temp_file
@@ -36,6 +39,7 @@ log = logging.getLogger("molmo_studio")
 USER_ERRORS: tuple[type[Exception], ...] = (
     MolmoInputError, ModelUnloadedError, NoModelError, ServiceBusyError, CheckpointError,  # model side
     StoreError, AsrModelMissing, AsrError, AudioDecodeError, AudioDeviceError,  # annotation side
+    PathRefused,  # a path outside the allowed folders
 )
 POINT_TABLE_HEADERS = ["#", "label", "x (px)", "y (px)"]
 QUANTIZE_LABELS = {"none (bf16 on GPU, fp32 on CPU)": None, "8bit": "8bit", "4bit": "4bit"}
@@ -135,11 +139,32 @@ def chat_messages(history: Sequence[Sequence[str]]) -> list[dict]:
 # ---------------------------------------------------------------------------------------- handlers
 
 
-class Handlers:
-    """The app's handlers, bound to the shared service."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-    def __init__(self, service: MolmoService):
+
+def checkpoint_source(text: str | None, roots: Roots | None) -> str:
+    """A hub id as typed, or a local checkpoint folder checked to lie inside the allowed roots.
+
+    A name that looks like a hub id ("allenai/Molmo-7B-D-0924") but exists as a local folder is a folder,
+    and checked like one."""
+    source = (text or "").strip()
+    if not source or roots is None:  # nothing typed: the service says what to choose
+        return source
+    p = Path(source).expanduser()
+    if HUB_ID.match(source) and not p.is_absolute() and not p.exists():
+        return source
+    try:
+        return str(roots.inside(source, "Checkpoint folder"))
+    except PathRefused as e:
+        raise _error(str(e)) from None
+
+
+class Handlers:
+    """The app's handlers, bound to the shared service (and the allowed folders, when confined)."""
+
+    def __init__(self, service: MolmoService, roots: Roots | None = None):
         self.service = service
+        self.roots = roots
 
     # ------------------------------------------------------------------ model panel
 
@@ -162,7 +187,7 @@ class Handlers:
     def load_model(self, source: str, quantize: str | None, max_crops: float,
                    progress: gr.Progress = gr.Progress()) -> tuple[str, dict]:
         quant = QUANTIZE_LABELS.get(quantize, quantize) if quantize else None
-        thread = self.service.load((source or "").strip(), quant, int(max_crops or 12))
+        thread = self.service.load(checkpoint_source(source, self.roots), quant, int(max_crops or 12))
         while thread.is_alive():
             st = self.service.status().load
             progress(st.fraction, desc=st.message)

@@ -10,6 +10,7 @@ starting with `train_`. User-facing failures are `gr.Error` with what to do.
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import threading
 import time
@@ -25,7 +26,8 @@ from molmo_core.train.recipe import TrainArgs
 from molmo_core.train.task_eval import TASK_METRICS
 
 from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
-from .handlers import user_errors
+from .handlers import checkpoint_source, user_errors
+from .paths import Roots
 
 _procs: dict[str, subprocess.Popen] = {}
 _lock = threading.Lock()
@@ -56,16 +58,41 @@ def _optional_number(value: str | float | None, label: str, default: str, whole:
     return int(number) if whole else number
 
 
+_SYNTHETIC = re.compile(r"^[a-z_]+:")  # clocks:N, shapes:N: generated, not files
+
+
 def default_out_dir() -> str:
     return str(Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S"))
+
+
+def confine_run(roots: Roots | None, model: str, sources: list[str], images_dir: str | None,
+                out: str) -> tuple[str, list[str], str | None, str]:
+    """The run's paths checked against the allowed folders (unchanged when the app is not confined): data
+    and images inside a read root, the output folder inside the data root (relative: under it), the base
+    model a hub id or a folder inside a read root. Raises PathRefused with what to do."""
+    if roots is None:
+        return model, sources, images_dir, out
+    files = [s if _SYNTHETIC.match(s) else str(roots.inside(s, "Training data")) for s in sources]
+    images = str(roots.inside(images_dir, "Images folder")) if images_dir else None
+    out_dir = str(roots.inside(out, "Output folder", write=True, must_exist=False))
+    return checkpoint_source(model, roots), files, images, out_dir
+
+
+def _run_folder(run_dir: str | None, roots: Roots | None) -> str | None:
+    """A run folder from the session state, checked like every other path."""
+    if not run_dir or roots is None:
+        return run_dir
+    return str(roots.inside(run_dir, "Run folder", write=True, must_exist=False))
 
 
 @user_errors("starting the run")
 def start_run(get_model_source: Callable[[], str | None], base_model: str, data: str, images_dir: str, out: str,
               mode: str, max_steps: str | float | None, lr: str | float | None, batch_size: float, grad_accum: float,
-              max_crops: float, lora_rank: float, lora_connector: bool, eval_fraction: float) -> tuple[str, str]:
+              max_crops: float, lora_rank: float, lora_connector: bool, eval_fraction: float,
+              roots: Roots | None = None) -> tuple[str, str]:
     """Start a background run; returns (run folder, status text). A blank max_steps / lr ("" or None) means the
-    trainer's default; relative paths are resolved against the app's working directory."""
+    trainer's default; relative paths are resolved against the app's working directory (against the data root
+    when the app runs confined to `roots`)."""
     model = (base_model or "").strip() or (get_model_source() or "")
     if not model:
         raise _error("No base model: load a model in the app first, or type a checkpoint folder / hub id.")
@@ -73,8 +100,10 @@ def start_run(get_model_source: Callable[[], str | None], base_model: str, data:
     if not sources:
         raise _error("Enter the training data: a PixMo-Cap parquet, a JSONL of {image, caption, transcripts}, "
                      "a folder of those, or clocks:N.")
-    args = TrainArgs(model=model, data=sources, out=(out or "").strip() or default_out_dir(),
-                     images_dir=(images_dir or "").strip() or None, mode=mode,
+    model, sources, images, out_dir = confine_run(roots, model, sources, (images_dir or "").strip() or None,
+                                                  (out or "").strip() or default_out_dir())
+    args = TrainArgs(model=model, data=sources, out=out_dir,
+                     images_dir=images, mode=mode,
                      max_steps=_optional_number(max_steps, "Max steps", "4 epochs", whole=True),
                      lr=_optional_number(lr, "LLM learning rate", "2e-5 full, 1e-4 LoRA / QLoRA"),
                      batch_size=int(batch_size), grad_accum=int(grad_accum), max_crops=int(max_crops),
@@ -195,8 +224,11 @@ def load_result(run_dir: str | None, on_load_result: Callable[[str], None]) -> s
 
 
 def create_train_tab(get_model_source: Callable[[], str | None],
-                     on_load_result: Callable[[str], None]) -> dict[str, Any]:
-    """Build the Train tab's components inside the current `gr.Blocks` / `gr.Tab` context."""
+                     on_load_result: Callable[[str], None], roots: Roots | None = None) -> dict[str, Any]:
+    """Build the Train tab's components inside the current `gr.Blocks` / `gr.Tab` context.
+
+    With `roots` every path is confined (app.paths.Roots): outputs under the data root, inputs under the
+    allowed folders."""
     c: dict[str, Any] = {}
     run_dir = gr.State(None)
     gr.Markdown("Fine-tune the model on PixMo-Cap-style records (captions, transcripts), clocks or points. "
@@ -241,21 +273,40 @@ def create_train_tab(get_model_source: Callable[[], str | None],
     c["run_dir"] = run_dir
     timer = gr.Timer(2.0, active=False)  # polls only while a run of this session is running
 
+    @user_errors("starting the run")
     def _start(*values):
-        return *start_run(get_model_source, *values), gr.Timer(active=True)
+        return *start_run(get_model_source, *values, roots=roots), gr.Timer(active=True)
 
+    @user_errors("reading the run's progress")
     def _poll(run_dir_value):
-        return *poll_run(run_dir_value), gr.Timer(active=is_running(run_dir_value))
+        run = _run_folder(run_dir_value, roots)
+        return *poll_run(run), gr.Timer(active=is_running(run))
+
+    @user_errors("stopping the run")
+    def _stop(run_dir_value):
+        return stop_run(_run_folder(run_dir_value, roots))
+
+    @user_errors("reading the run's progress")
+    def _refresh(run_dir_value):
+        return poll_run(_run_folder(run_dir_value, roots))
+
+    @user_errors("reading the run's metrics")
+    def _metrics(run_dir_value):
+        return poll_task_metrics(_run_folder(run_dir_value, roots))
+
+    @user_errors("loading the result")
+    def _load(run_dir_value):
+        return load_result(_run_folder(run_dir_value, roots), on_load_result)
 
     start_inputs = [c[k] for k in ("base_model", "data", "images_dir", "out", "mode", "max_steps", "lr", "batch_size",
                                    "grad_accum", "max_crops", "lora_rank", "lora_connector", "eval_fraction")]
     c["start"].click(_start, start_inputs, [run_dir, c["status"], timer], api_name="train_start")
-    c["stop"].click(stop_run, [run_dir], [c["status"]], api_name="train_stop")
+    c["stop"].click(_stop, [run_dir], [c["status"]], api_name="train_stop")
     poll_outputs = [c["status"], c["log"], c["plot"]]
-    c["refresh"].click(poll_run, [run_dir], poll_outputs, api_name="train_refresh")
+    c["refresh"].click(_refresh, [run_dir], poll_outputs, api_name="train_refresh")
     timer.tick(_poll, [run_dir], poll_outputs + [timer], api_name="train_poll", show_progress="hidden")
-    c["refresh"].click(poll_task_metrics, [run_dir], [c["metrics_plot"]], api_name="train_refresh_metrics")
-    timer.tick(poll_task_metrics, [run_dir], [c["metrics_plot"]], api_name="train_poll_metrics",
+    c["refresh"].click(_metrics, [run_dir], [c["metrics_plot"]], api_name="train_refresh_metrics")
+    timer.tick(_metrics, [run_dir], [c["metrics_plot"]], api_name="train_poll_metrics",
                show_progress="hidden")
-    c["load"].click(lambda d: load_result(d, on_load_result), [run_dir], [c["status"]], api_name="train_load")
+    c["load"].click(_load, [run_dir], [c["status"]], api_name="train_load")
     return c

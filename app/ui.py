@@ -16,10 +16,13 @@ from typing import Any
 import gradio as gr
 from molmo_core.prompts import DEFAULT_CAPTION_LENGTH_HINT
 
+from .access import ADMIN, ANNOTATOR, TASKS, AccessControl, POLICY, current_user, guard_events
+from .admin_tab import create_admin_tab
 from .annotate_tab import create_annotate_tab
 from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
 from .eval_tab import create_eval_tab
 from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
+from .paths import Roots
 from .service import MolmoService
 from .tempfiles import GRADIO_DELETE_CACHE, temp_dir
 from .train_tab import create_train_tab
@@ -28,9 +31,26 @@ log = logging.getLogger("molmo_studio")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train", "eval")
+TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train", "eval", "admin")
+# Who sees which tab (cosmetic: the guard in app.access enforces the same rules on every event).
+TAB_RULES = {"model": ADMIN, "point": TASKS, "clock": TASKS, "ask": TASKS, "caption": TASKS,
+             "annotate": ANNOTATOR, "train": ADMIN, "eval": ADMIN, "admin": ADMIN}
 HUB_CHOICES = ["allenai/Molmo-7B-D-0924", "allenai/Molmo-7B-O-0924", "allenai/MolmoE-1B-0924",
                "allenai/Molmo-72B-0924"]
+# Browsers give a page the microphone only in a secure context (HTTPS, or a loopback address): say so
+# in the Annotate tab instead of a Record button that silently does nothing.
+INSECURE_MIC_HTML = """<div id="insecure-mic" style="display:none; padding:0.8em; border:2px solid #c0392b;
+border-radius:6px; background:#fdecea; color:#611a15">
+<b>No microphone here: this page was opened over plain HTTP (<span class="origin"></span>).</b>
+Browsers only allow recording on secure pages. Open the app over <b>https://</b> (ask your admin to start it
+with <code>--https</code>), or on this machine through http://127.0.0.1. Until then you can upload a recording
+made with another program.</div>"""
+INSECURE_MIC_JS = """() => {
+  if (!window.isSecureContext) {
+    const box = document.getElementById('insecure-mic');
+    if (box) { box.style.display = 'block'; box.querySelector('.origin').textContent = window.location.origin; }
+  }
+}"""
 # Gradio 6 takes CSS at launch: demo.launch(css=CSS).
 # Phrases for the shipped example photos (assets/LICENSES.md); other files use their name.
 EXAMPLE_PHRASES = {"chelsea": "the cat's eyes", "coffee": "the cup", "coins": "coins"}
@@ -246,11 +266,9 @@ def _caption_tab(h: Handlers, examples: list[list[str]]) -> None:
     run.click(h.caption, [image, style, hint, chat_format], [answer, result], api_name="caption")
 
 
-def _annotate_and_train_tabs(service: MolmoService, annotate_dir: str | None) -> None:
-    with gr.Tab("Annotate", id="annotate"):
-        create_annotate_tab(annotate_dir, service.get_runner)
-    with gr.Tab("Train", id="train"):
-        create_train_tab(lambda: _model_source(service), lambda path: _load_result(service, path))
+def _visible(control: AccessControl, tab: str) -> bool:
+    """A tab's starting visibility: with login, only the Annotate tab until the page load shows the rest."""
+    return not control.login or TAB_RULES[tab] == ANNOTATOR
 
 
 def _load_result(service: MolmoService, path: str) -> None:
@@ -265,7 +283,8 @@ def _model_source(service: MolmoService) -> str | None:
 
 
 def build_demo(service: MolmoService, *, default_tab: str | None = None, annotate_dir: str | None = None,
-               notice: str | None = None) -> gr.Blocks:
+               notice: str | None = None, control: AccessControl | None = None,
+               roots: Roots | None = None) -> gr.Blocks:
     """The whole UI over one shared `service`.
 
     Args:
@@ -274,8 +293,12 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
             (default: "point" when a model is loaded or loading, else "model").
         annotate_dir: the project folder the Annotate tab opens with.
         notice: a banner shown above the tabs (e.g. "no GPU and no local weights: ...").
+        control: logins and roles (default: no login, everything allowed: one person on loopback). Every
+            event runs behind its rule in `app.access.POLICY`.
+        roots: the folders user paths must stay in (default: not confined; `launch.py` always confines).
     """
-    h = Handlers(service)
+    control = control or AccessControl()
+    h = Handlers(service, roots)
     point_examples, clock_examples = example_images()
     if default_tab is None:
         default_tab = "point" if service.status().loaded or service.status().load.phase == "loading" else "model"
@@ -285,19 +308,41 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
         gr.Markdown("## Molmo Studio\nPoint, count, read clocks, caption and chat with Molmo.")
         if notice:
             gr.Markdown(notice, elem_id="startup_notice")
-        with gr.Tabs(selected=default_tab):
-            with gr.Tab("Model", id="model"):
+        whoami = gr.Markdown("", elem_id="whoami")
+        tabs: dict[str, gr.Tab] = {}
+        with gr.Tabs(selected=default_tab) as tab_set:
+            with gr.Tab("Model", id="model", visible=_visible(control, "model")) as tabs["model"]:
                 model_outputs = _model_tab(h)
-            with gr.Tab("Point & Count", id="point"):
+            with gr.Tab("Point & Count", id="point", visible=_visible(control, "point")) as tabs["point"]:
                 _point_tab(h, point_examples)
-            with gr.Tab("Clock", id="clock"):
+            with gr.Tab("Clock", id="clock", visible=_visible(control, "clock")) as tabs["clock"]:
                 _clock_tab(h, clock_examples)
-            with gr.Tab("Ask", id="ask"):
+            with gr.Tab("Ask", id="ask", visible=_visible(control, "ask")) as tabs["ask"]:
                 _ask_tab(h, point_examples)
-            with gr.Tab("Caption", id="caption"):
+            with gr.Tab("Caption", id="caption", visible=_visible(control, "caption")) as tabs["caption"]:
                 _caption_tab(h, point_examples)
-            _annotate_and_train_tabs(service, annotate_dir)
-            with gr.Tab("Eval", id="eval"):
-                create_eval_tab(service)
-        demo.load(h.page_load, None, model_outputs, api_name="page_load", api_visibility="undocumented", queue=False)
+            with gr.Tab("Annotate", id="annotate") as tabs["annotate"]:
+                gr.HTML(INSECURE_MIC_HTML, elem_id="annotate_insecure")
+                create_annotate_tab(annotate_dir, service.get_runner, **({"roots": roots} if roots is not None else {}))
+            with gr.Tab("Train", id="train", visible=_visible(control, "train")) as tabs["train"]:
+                create_train_tab(lambda: _model_source(service), lambda path: _load_result(service, path), roots=roots)
+            with gr.Tab("Eval", id="eval", visible=_visible(control, "eval")) as tabs["eval"]:
+                create_eval_tab(service, roots=roots if roots is not None else ())
+            with gr.Tab("Admin", id="admin", visible=_visible(control, "admin") and roots is not None) as tabs["admin"]:
+                if roots is not None:
+                    create_admin_tab(control, roots)
+
+        def page_load():
+            """The model status, and the tabs this caller may use (the guard enforces the same rules)."""
+            user = current_user()
+            shown = {tab: control.allows(user, rule) and (tab != "admin" or roots is not None)
+                     for tab, rule in TAB_RULES.items()}
+            selected = default_tab if shown.get(default_tab) else "annotate"
+            who = (f"Signed in as **{user.name}** ({user.role}) · [Sign out](/logout)" if user else "")
+            return (*h.page_load(), who, gr.Tabs(selected=selected), *(gr.Tab(visible=shown[t]) for t in tabs))
+
+        demo.load(page_load, None, [*model_outputs, whoami, tab_set, *tabs.values()], api_name="page_load",
+                  api_visibility="undocumented", queue=False)
+        demo.load(None, None, None, js=INSECURE_MIC_JS)  # runs in the browser only
+    guard_events(demo, POLICY, control)
     return demo
