@@ -1,11 +1,22 @@
 """PixMo-Cap parquet export and import.
 
-Export writes one row per image that has at least one annotation, with exactly the public
+Export writes one row per image that has at least one exported annotation, with exactly the public
 ``allenai/pixmo-cap`` columns first:
 
     image_url    string         the original URL when known, else the file's ``file://`` URI
-    caption      string         the approved caption ("" when none was written yet; see caption_source)
-    transcripts  list<string>   the annotators' edited transcripts, oldest first
+    caption      string         the image's caption as it stands (a reviewer's edit when there is a
+                                newer one; "" when none was written yet; see caption_source)
+    transcripts  list<string>   the exported transcripts, oldest first: the reviewer's edit when the
+                                admin edited one, else the annotator's edited transcript
+
+Which annotations are exported (``annotate.review`` decides their state):
+
+    default                  accepted ones only: what an admin approved
+    include_unreviewed=True  (``--all``) everything not rejected: accepted and still pending
+    rejected                 never
+
+Imported PixMo-Cap rows are accepted on import (they come from a reviewed, published data set)
+unless ``import_pixmo_cap(..., accept=False)``.
 
 then our own columns (all prefixed-free and documented in ``EXTRA_COLUMNS``). Import reads any
 parquet with (at least) ``image_url``, ``caption`` and ``transcripts``, resolves each image in a
@@ -38,7 +49,7 @@ EXTRA_COLUMNS = pa.schema(
     [
         pa.field("image_path", pa.string()),  # relative to the project folder (absolute if outside)
         pa.field("image_sha256", pa.string()),
-        pa.field("caption_source", pa.string()),  # manual | model | model+edited | imported | none
+        pa.field("caption_source", pa.string()),  # manual | model | model+edited | imported | reviewed | none
         pa.field("caption_model", pa.string()),
         pa.field("caption_updated_at", pa.string()),
         pa.field("transcripts_raw", pa.list_(pa.string())),  # ASR output before editing
@@ -52,6 +63,10 @@ EXTRA_COLUMNS = pa.schema(
         pa.field("asr_models", pa.list_(pa.string())),  # the speech model of each transcript
         pa.field("asr_model_sha256s", pa.list_(pa.string())),  # sha256 of that model's model.bin
         pa.field("image_status", pa.string()),  # active | flagged | missing
+        pa.field("review_states", pa.list_(pa.string())),  # per transcript: accepted | pending
+        pa.field("reviewers", pa.list_(pa.string())),  # per transcript: who accepted it (None: pending)
+        pa.field("transcripts_annotator", pa.list_(pa.string())),  # the annotators' own text, before review edits
+        pa.field("caption_annotator", pa.string()),  # the annotators' caption (differs when a reviewer edited it)
     ]
 )
 
@@ -94,18 +109,30 @@ class ExportReport:
     annotations: int
     without_caption: int
     excluded_flagged: int
+    include_unreviewed: bool = False
+    left_out_pending: int = 0  # annotations awaiting review, not exported (default export only)
+    left_out_rejected: int = 0
 
     def summary(self) -> str:
-        s = f"Exported {self.rows} images ({self.annotations} transcripts) to {self.path}"
+        what = "accepted and unreviewed" if self.include_unreviewed else "accepted"
+        s = f"Exported {self.rows} images ({self.annotations} {what} transcripts) to {self.path}"
         if self.without_caption:
             s += f"; {self.without_caption} without a caption yet (caption is empty)"
         if self.excluded_flagged:
             s += f"; {self.excluded_flagged} flagged images left out"
+        if self.left_out_pending:
+            s += (f"; {self.left_out_pending} annotations awaiting review left out (review them, or export "
+                  "everything not rejected with --all)")
+        if self.left_out_rejected:
+            s += f"; {self.left_out_rejected} rejected annotations left out"
         return s + "."
 
 
 def export_pixmo_cap(
-    project_dir: str | os.PathLike, out_parquet: str | os.PathLike, include_flagged: bool = False
+    project_dir: str | os.PathLike,
+    out_parquet: str | os.PathLike,
+    include_flagged: bool = False,
+    include_unreviewed: bool = False,
 ) -> ExportReport:
     """Export a project's records as PixMo-Cap parquet.
 
@@ -113,6 +140,8 @@ def export_pixmo_cap(
         project_dir: the project folder.
         out_parquet: the parquet file to write (written to a temporary name, then renamed).
         include_flagged: also export images flagged as bad.
+        include_unreviewed: export every annotation that is not rejected (accepted and pending);
+            by default only accepted ones are exported. Rejected annotations are never exported.
 
     Returns:
         What was written.
@@ -130,10 +159,18 @@ def export_pixmo_cap(
             "Annotate tab (or `python launch.py --annotate <folder>`) first."
         )
     store = Store(root, sync=False)
-    captions = store.captions()
+    stored_captions = store.captions()
+    captions = store.current_captions()
+    wanted = ("accepted", "pending") if include_unreviewed else ("accepted",)
     by_image: dict[int, list] = {}
+    left_pending = left_rejected = 0
     for a in store.annotations():
-        by_image.setdefault(a.image_id, []).append(a)
+        if a.review_state in wanted:
+            by_image.setdefault(a.image_id, []).append(a)
+        elif a.review_state == "rejected":
+            left_rejected += 1
+        else:
+            left_pending += 1
     cols: dict[str, list] = {f.name: [] for f in EXPORT_SCHEMA}
     excluded = 0
     n_ann = 0
@@ -149,7 +186,7 @@ def export_pixmo_cap(
         url = img["url"] or (store.abs(img["path"]).resolve().as_uri() if img["path"] else "")
         cols["image_url"].append(url)
         cols["caption"].append(cap["caption"] if cap else "")
-        cols["transcripts"].append([a.transcript for a in anns])
+        cols["transcripts"].append([a.final_transcript for a in anns])
         cols["image_path"].append(img["path"])
         cols["image_sha256"].append(img["sha256"])
         cols["caption_source"].append(cap["source"] if cap else "none")
@@ -166,6 +203,11 @@ def export_pixmo_cap(
         cols["asr_models"].append([a.asr_model for a in anns])
         cols["asr_model_sha256s"].append([a.asr_model_sha256 for a in anns])
         cols["image_status"].append(img["status"])
+        cols["review_states"].append([a.review_state for a in anns])
+        cols["reviewers"].append([a.reviewer for a in anns])
+        cols["transcripts_annotator"].append([a.transcript for a in anns])
+        stored = stored_captions.get(img["id"])
+        cols["caption_annotator"].append(stored["caption"] if stored else None)
         n_ann += len(anns)
         without_caption += cap is None
     table = pa.table(cols, schema=EXPORT_SCHEMA)
@@ -181,7 +223,8 @@ def export_pixmo_cap(
         if tmp.exists():
             tmp.unlink()
     return ExportReport(
-        path=out, rows=table.num_rows, annotations=n_ann, without_caption=without_caption, excluded_flagged=excluded
+        path=out, rows=table.num_rows, annotations=n_ann, without_caption=without_caption, excluded_flagged=excluded,
+        include_unreviewed=include_unreviewed, left_out_pending=left_pending, left_out_rejected=left_rejected,
     )
 
 
@@ -205,6 +248,7 @@ class ImportReport:
 
 
 IMPORT_ANNOTATOR = "pixmo-cap"
+IMPORT_REVIEWER = "import"
 
 
 def import_pixmo_cap(
@@ -212,6 +256,7 @@ def import_pixmo_cap(
     parquet: str | os.PathLike,
     images_dir: str | os.PathLike | None = None,
     limit: int | None = None,
+    accept: bool = True,
 ) -> ImportReport:
     """Import ``allenai/pixmo-cap``-shaped parquet (``image_url``, ``caption``, ``transcripts``).
 
@@ -219,7 +264,10 @@ def import_pixmo_cap(
     ``image_sha256`` when the parquet has that column, else by the file name at the end of the
     URL. Rows whose image is not found are still imported (status ``missing``, URL kept) and
     counted. Transcripts become annotations by ``pixmo-cap#1``, ``pixmo-cap#2``, ... with no
-    audio; the caption becomes the image's caption with source ``imported``.
+    audio; the caption becomes the image's caption with source ``imported``. With ``accept`` (the
+    default) the imported annotations are recorded as accepted by reviewer ``IMPORT_REVIEWER`` (a
+    published data set was reviewed by its makers); ``accept=False`` leaves them pending for the
+    Review tab.
 
     Raises:
         FileNotFoundError: the parquet file does not exist.
@@ -273,9 +321,11 @@ def import_pixmo_cap(
         imported += 1
         for i, t in enumerate(row.get("transcripts") or []):
             if t and t.strip():
-                store.save_annotation(
+                rec = store.save_annotation(
                     image_id, check_annotator(f"{IMPORT_ANNOTATOR}#{i + 1}"), None, t, t, asr_model=None
                 )
+                if accept:
+                    store.set_review(rec.id, "accepted", IMPORT_REVIEWER)
         if row.get("caption") and row["caption"].strip():
             store.set_caption(image_id, row["caption"], IMPORT_ANNOTATOR, source="imported")
     return ImportReport(len(rows), imported, present, missing, examples)

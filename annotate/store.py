@@ -11,6 +11,12 @@ hands out an image that still needs annotations, that this annotator has neither
 skipped, and that is not already claimed by enough other annotators (claims expire). Every write
 is one ``BEGIN IMMEDIATE`` transaction, so two annotators never receive the last slot of an image.
 
+Every annotation has a review state: ``pending`` when saved, then ``accepted`` or ``rejected`` by an
+admin (``annotate.review``), once. A rejected annotation stops counting towards its image (it is not
+"live"), so the image goes back to the queue for everyone, its own annotator included; the rejected
+row, its audio receipt and the reviewer's reason are kept. A reviewer's edits are stored next to the
+annotator's text (``reviewed_transcript``, ``reviewed_caption``), never over it.
+
 A save is atomic: the audio receipt is written to a temporary name, fsynced and renamed, and only
 then is the database row committed. A crash before the commit leaves at most an orphan audio file
 with no row: harmless, and deleted by ``cleanup_orphans``. A file that is not an SQLite database,
@@ -34,7 +40,11 @@ from .audio import Audio, AudioReceipt, receipt_name, sha256_file, write_flac_at
 DB_NAME = "annotations.sqlite"
 AUDIO_DIR = "audio"
 LIST_FILE = "images.txt"
-SCHEMA_VERSION = 2  # 2: annotations.asr_model_sha256 (added to version-1 databases on open)
+SCHEMA_VERSION = 3  # 2: annotations.asr_model_sha256; 3: review columns, no UNIQUE (image_id, annotator)
+# (older databases are brought to this version on open, rows kept: see _migrate)
+REVIEW_STATES = ("pending", "accepted", "rejected")
+# An annotation counts towards its image unless rejected ("live"); SQL for that, on the alias a.
+LIVE = "a.review_state != 'rejected'"
 APP_ID = "molmo-studio-annotate"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_ANNOTATIONS_PER_IMAGE = 1
@@ -67,8 +77,8 @@ CREATE TABLE IF NOT EXISTS annotations (
     id             INTEGER PRIMARY KEY,
     image_id       INTEGER NOT NULL REFERENCES images(id),
     annotator      TEXT NOT NULL,
-    transcript_raw TEXT NOT NULL,        -- the ASR output as produced
-    transcript     TEXT NOT NULL,        -- as edited by the annotator
+    transcript_raw TEXT NOT NULL,        -- the ASR output as produced (never changed)
+    transcript     TEXT NOT NULL,        -- as edited by the annotator (never changed by a review)
     segments       TEXT NOT NULL DEFAULT '[]',  -- JSON list of {start, end, text} (seconds)
     language       TEXT,
     asr_model      TEXT,                 -- the speech model that made transcript_raw (bundled:tiny.en, small.en ...)
@@ -79,7 +89,12 @@ CREATE TABLE IF NOT EXISTS annotations (
     sample_rate    INTEGER,
     channels       INTEGER,
     created_at     TEXT NOT NULL,
-    UNIQUE (image_id, annotator)
+    review_state   TEXT NOT NULL DEFAULT 'pending' CHECK (review_state IN ('pending', 'accepted', 'rejected')),
+    reviewer       TEXT,                 -- who accepted or rejected it
+    reviewed_at    TEXT,
+    review_reason  TEXT,                 -- why it was rejected
+    reviewed_transcript TEXT,            -- the reviewer's edit of the transcript (NULL: accepted as written)
+    reviewed_caption    TEXT             -- the image caption as the reviewer edited it when accepting (NULL: not edited)
 );
 CREATE TABLE IF NOT EXISTS captions (
     image_id   INTEGER PRIMARY KEY REFERENCES images(id),
@@ -103,6 +118,12 @@ CREATE TABLE IF NOT EXISTS skips (
     PRIMARY KEY (image_id, annotator)
 );
 """
+# Version 3 dropped UNIQUE (image_id, annotator), so that an annotator may describe an image again after
+# a rejection; at most one live (not rejected) annotation per image and annotator is kept by this
+# partial index, made by _migrate (it needs the review_state column, absent before version 3).
+LIVE_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS annotations_live ON annotations(image_id, annotator) "
+              "WHERE review_state != 'rejected'")
+REVIEW_INDEX = "CREATE INDEX IF NOT EXISTS annotations_review ON annotations(review_state, id)"
 
 
 class StoreError(RuntimeError):
@@ -115,6 +136,10 @@ class CorruptStoreError(StoreError):
 
 class AlreadyAnnotatedError(StoreError):
     """This annotator already saved an annotation for this image."""
+
+
+class AlreadyReviewedError(StoreError):
+    """The annotation was already accepted or rejected; review decisions are final."""
 
 
 def now_iso() -> str:
@@ -171,18 +196,25 @@ class Progress:
     flagged: int
     missing: int
     missing_paths: list[str]
+    rejected: int = 0  # annotations rejected in review (their images went back to the queue)
+    pending_review: int = 0  # live annotations no admin has reviewed yet
 
-    def summary(self, annotator: str | None = None) -> str:
-        """One line, e.g. 'Images 3/10 complete; 4/20 annotations; you: 2; ...'."""
+    def summary(self, annotator: str | None = None, others: bool = True) -> str:
+        """One line, e.g. 'Images 3/10 complete; 4/20 annotations; you: 2; ...'.
+
+        Counts are of live annotations (rejected ones excluded). ``others=False`` leaves out the
+        other annotators' names and counts (what an annotator who is not an admin may see)."""
         parts = [
             f"Images {self.complete_images}/{self.total_images} complete",
             f"annotations {self.annotations}/{self.annotations_needed} ({self.per_image} per image)",
         ]
         if annotator:
             parts.append(f"you ({annotator}): {self.per_annotator.get(annotator, 0)}")
-        others = {k: v for k, v in self.per_annotator.items() if k != annotator}
-        if others:
-            parts.append("others: " + ", ".join(f"{k} {v}" for k, v in sorted(others.items())))
+        rest = {k: v for k, v in self.per_annotator.items() if k != annotator} if others else {}
+        if rest:
+            parts.append("others: " + ", ".join(f"{k} {v}" for k, v in sorted(rest.items())))
+        if self.rejected:
+            parts.append(f"rejected in review {self.rejected}")
         if self.skipped:
             parts.append(f"skips {self.skipped}")
         if self.flagged:
@@ -210,12 +242,28 @@ class AnnotationRecord:
     channels: int | None
     created_at: str
     asr_model_sha256: str | None = None
+    review_state: str = "pending"  # pending | accepted | rejected
+    reviewer: str | None = None
+    reviewed_at: str | None = None
+    review_reason: str | None = None  # why it was rejected
+    reviewed_transcript: str | None = None  # the reviewer's edit; the annotator's text stays in `transcript`
+    reviewed_caption: str | None = None  # the image caption as the reviewer edited it when accepting
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "AnnotationRecord":
         d = dict(row)
         d["segments"] = json.loads(d["segments"] or "[]")
         return cls(**d)
+
+    @property
+    def live(self) -> bool:
+        """Counts towards its image (not rejected)."""
+        return self.review_state != "rejected"
+
+    @property
+    def final_transcript(self) -> str:
+        """The transcript as approved: the reviewer's edit when there is one, else the annotator's."""
+        return self.reviewed_transcript if self.reviewed_transcript is not None else self.transcript
 
 
 @dataclass
@@ -501,8 +549,10 @@ class Store:
     def next_image(self, annotator: str, notes: list[str] | None = None) -> Task | None:
         """Hand out (and claim) the next image for ``annotator``; None when nothing is left.
 
-        An image the annotator already holds a live claim on comes back first (a page reload
-        resumes it). Images whose file has vanished are marked ``missing``, named in
+        An image needs annotations while it has fewer than N live (not rejected) ones, so an image
+        whose annotation was rejected in review is handed out again, to anyone who has no live
+        annotation of it: its own annotator may describe it again. An image the annotator already
+        holds a live claim on comes back first (a page reload resumes it). Images whose file has vanished are marked ``missing``, named in
         ``Task.notes`` (and appended to ``notes`` when given, useful when None is returned),
         and passed over.
 
@@ -517,22 +567,24 @@ class Store:
                 n = int(con.execute("SELECT value FROM meta WHERE key='annotations_per_image'").fetchone()[0])
                 con.execute("DELETE FROM claims WHERE expires_at < ?", (now,))
                 row = con.execute(
-                    """
+                    f"""
                     SELECT i.* FROM images i JOIN claims c ON c.image_id = i.id
                     WHERE c.annotator = ? AND i.status = 'active'
-                      AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.image_id = i.id AND a.annotator = ?)
+                      AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.image_id = i.id AND a.annotator = ?
+                                      AND {LIVE})
                     ORDER BY i.id LIMIT 1
                     """,
                     (who, who),
                 ).fetchone()
                 if row is None:
                     row = con.execute(
-                        """
+                        f"""
                         SELECT i.* FROM images i
                         WHERE i.status = 'active'
-                          AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.image_id = i.id AND a.annotator = ?)
+                          AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.image_id = i.id AND a.annotator = ?
+                                          AND {LIVE})
                           AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.image_id = i.id AND s.annotator = ?)
-                          AND (SELECT COUNT(*) FROM annotations a WHERE a.image_id = i.id)
+                          AND (SELECT COUNT(*) FROM annotations a WHERE a.image_id = i.id AND {LIVE})
                             + (SELECT COUNT(*) FROM claims c WHERE c.image_id = i.id AND c.annotator != ?) < ?
                         ORDER BY i.id LIMIT 1
                         """,
@@ -553,7 +605,7 @@ class Store:
                     (row["id"], who, now + self.claim_seconds),
                 )
                 done = con.execute(
-                    "SELECT COUNT(*) FROM annotations WHERE image_id=?", (row["id"],)
+                    f"SELECT COUNT(*) FROM annotations a WHERE a.image_id=? AND {LIVE}", (row["id"],)
                 ).fetchone()[0]
             return Task(
                 image_id=row["id"],
@@ -636,7 +688,8 @@ class Store:
 
         Raises:
             ValueError: bad annotator name or empty transcript.
-            AlreadyAnnotatedError: this annotator already saved this image (nothing changed).
+            AlreadyAnnotatedError: this annotator already has a live (not rejected) annotation of this
+                image (nothing changed).
             StoreError: unknown image id.
             OSError: the receipt could not be written (e.g. disk full); nothing was saved.
         """
@@ -646,7 +699,7 @@ class Store:
         self.image(image_id)
         with self._read() as con:
             if con.execute(
-                "SELECT 1 FROM annotations WHERE image_id=? AND annotator=?", (image_id, who)
+                f"SELECT 1 FROM annotations a WHERE a.image_id=? AND a.annotator=? AND {LIVE}", (image_id, who)
             ).fetchone():
                 raise AlreadyAnnotatedError(
                     f"{who} already saved an annotation for image {image_id}; nothing was changed."
@@ -658,7 +711,7 @@ class Store:
             _pause_hook("audio_written")
             with self._write() as con:
                 if con.execute(
-                    "SELECT 1 FROM annotations WHERE image_id=? AND annotator=?", (image_id, who)
+                    f"SELECT 1 FROM annotations a WHERE a.image_id=? AND a.annotator=? AND {LIVE}", (image_id, who)
                 ).fetchone():
                     raise AlreadyAnnotatedError(
                         f"{who} already saved an annotation for image {image_id}; nothing was changed."
@@ -723,8 +776,105 @@ class Store:
         return [AnnotationRecord.from_row(r) for r in rows]
 
     def transcripts(self, image_id: int) -> list[str]:
-        """Edited transcripts saved for an image, oldest first."""
-        return [a.transcript for a in self.annotations(image_id)]
+        """The live (not rejected) transcripts of an image, oldest first, as approved (a reviewer's
+        edit when there is one, else the annotator's)."""
+        return [a.final_transcript for a in self.annotations(image_id) if a.live]
+
+    def annotation(self, annotation_id: int) -> AnnotationRecord:
+        """Raises: StoreError when there is no such annotation."""
+        with self._read() as con:
+            row = con.execute("SELECT * FROM annotations WHERE id=?", (annotation_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"No annotation with id {annotation_id} in project {self.root}.")
+        return AnnotationRecord.from_row(row)
+
+    def current_caption(self, image_id: int) -> dict[str, Any] | None:
+        """The image's caption as it stands: the newer of the stored caption (written by annotators)
+        and the last caption a reviewer edited while accepting one of its annotations.
+
+        Returns:
+            ``{"caption", "source", "model", "author", "updated_at"}`` (source ``reviewed`` for a
+            reviewer's edit), or None when the image has no caption.
+        """
+        return self.current_captions(image_id).get(image_id)
+
+    def current_captions(self, image_id: int | None = None) -> dict[int, dict[str, Any]]:
+        """``current_caption`` of every image that has one (or of ``image_id`` only)."""
+        out: dict[int, dict[str, Any]] = {}
+        where = "" if image_id is None else " AND image_id=?"
+        args = () if image_id is None else (image_id,)
+        with self._read() as con:
+            for r in con.execute("SELECT * FROM captions WHERE 1=1" + where, args):
+                out[r["image_id"]] = {"caption": r["caption"], "source": r["source"], "model": r["model"],
+                                      "author": r["annotator"], "updated_at": r["updated_at"]}
+            for r in con.execute(
+                "SELECT image_id, reviewed_caption, reviewer, reviewed_at FROM annotations WHERE review_state='accepted' "
+                "AND reviewed_caption IS NOT NULL" + where + " ORDER BY reviewed_at, id", args
+            ):
+                cur = out.get(r["image_id"])
+                if cur is None or r["reviewed_at"] >= cur["updated_at"]:
+                    out[r["image_id"]] = {"caption": r["reviewed_caption"], "source": "reviewed", "model": None,
+                                          "author": r["reviewer"], "updated_at": r["reviewed_at"]}
+        return out
+
+    # -- review ----------------------------------------------------------------------------
+
+    def set_review(
+        self,
+        annotation_id: int,
+        state: str,
+        reviewer: str,
+        reason: str | None = None,
+        transcript: str | None = None,
+        caption: str | None = None,
+    ) -> AnnotationRecord:
+        """Record an admin's decision on a pending annotation, in one transaction.
+
+        The rules (what may be edited, what a rejection needs) are ``annotate.review``'s; this only
+        writes, and only when the annotation is still pending, so two reviewers deciding at once never
+        both succeed.
+
+        Raises:
+            AlreadyReviewedError: it was already reviewed (the message says by whom); nothing changed.
+            StoreError: no such annotation.
+            ValueError: ``state`` is not accepted / rejected.
+        """
+        if state not in ("accepted", "rejected"):
+            raise ValueError(f"review state must be 'accepted' or 'rejected', got {state!r}")
+        with self._write() as con:
+            cur = con.execute(
+                """UPDATE annotations SET review_state=?, reviewer=?, reviewed_at=?, review_reason=?,
+                       reviewed_transcript=?, reviewed_caption=?
+                   WHERE id=? AND review_state='pending'""",
+                (state, reviewer, now_iso(), reason, transcript, caption, annotation_id),
+            )
+            row = con.execute("SELECT * FROM annotations WHERE id=?", (annotation_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"No annotation with id {annotation_id} in project {self.root}.")
+            if not cur.rowcount:
+                raise AlreadyReviewedError(
+                    f"Annotation {annotation_id} was already {row['review_state']} by {row['reviewer']} at "
+                    f"{row['reviewed_at']}; a review decision is final. Nothing was changed."
+                )
+        return AnnotationRecord.from_row(row)
+
+    def pending_reviews(self, after_id: int | None = None, limit: int | None = None) -> list[AnnotationRecord]:
+        """Pending annotations, oldest first (by id), optionally only those after ``after_id``."""
+        sql = "SELECT * FROM annotations WHERE review_state='pending' AND id > ? ORDER BY id"
+        args: tuple = (after_id or 0,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            args += (int(limit),)
+        with self._read() as con:
+            return [AnnotationRecord.from_row(r) for r in con.execute(sql, args)]
+
+    def review_counts(self) -> dict[str, int]:
+        """``{"pending": n, "accepted": n, "rejected": n}`` over all annotations."""
+        out = dict.fromkeys(REVIEW_STATES, 0)
+        with self._read() as con:
+            for state, n in con.execute("SELECT review_state, COUNT(*) FROM annotations GROUP BY review_state"):
+                out[state] = n
+        return out
 
     def caption(self, image_id: int) -> sqlite3.Row | None:
         with self._read() as con:
@@ -740,21 +890,22 @@ class Store:
             total = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
             active = con.execute("SELECT COUNT(*) FROM images WHERE status='active'").fetchone()[0]
             complete = con.execute(
-                """SELECT COUNT(*) FROM images i
-                   WHERE (SELECT COUNT(*) FROM annotations a WHERE a.image_id=i.id) >= ?""",
+                f"""SELECT COUNT(*) FROM images i
+                   WHERE (SELECT COUNT(*) FROM annotations a WHERE a.image_id=i.id AND {LIVE}) >= ?""",
                 (n,),
             ).fetchone()[0]
-            annotations = con.execute("SELECT COUNT(*) FROM annotations").fetchone()[0]
+            annotations = con.execute(f"SELECT COUNT(*) FROM annotations a WHERE {LIVE}").fetchone()[0]
             per = {
                 r[0]: r[1]
-                for r in con.execute("SELECT annotator, COUNT(*) FROM annotations GROUP BY annotator")
+                for r in con.execute(f"SELECT annotator, COUNT(*) FROM annotations a WHERE {LIVE} GROUP BY annotator")
             }
+            reviews = dict(con.execute("SELECT review_state, COUNT(*) FROM annotations GROUP BY review_state").fetchall())
             skipped = con.execute("SELECT COUNT(*) FROM skips").fetchone()[0]
             flagged = con.execute("SELECT COUNT(*) FROM images WHERE status='flagged'").fetchone()[0]
             missing_rows = con.execute("SELECT path FROM images WHERE status='missing' ORDER BY id").fetchall()
             done_on_inactive = con.execute(
-                """SELECT COUNT(*) FROM annotations a JOIN images i ON i.id=a.image_id
-                   WHERE i.status != 'active'"""
+                f"""SELECT COUNT(*) FROM annotations a JOIN images i ON i.id=a.image_id
+                   WHERE i.status != 'active' AND {LIVE}"""
             ).fetchone()[0]
         return Progress(
             total_images=total,
@@ -767,6 +918,8 @@ class Store:
             flagged=flagged,
             missing=len(missing_rows),
             missing_paths=[r[0] for r in missing_rows],
+            rejected=reviews.get("rejected", 0),
+            pending_review=reviews.get("pending", 0),
         )
 
     # -- maintenance -----------------------------------------------------------------------
@@ -822,10 +975,26 @@ class Store:
 
 
 def _migrate(con: sqlite3.Connection) -> None:
-    """Bring a version-1 database to SCHEMA_VERSION inside the caller's write transaction (rows kept)."""
+    """Bring a version-1 or -2 database to SCHEMA_VERSION inside the caller's write transaction (rows kept).
+
+    1 -> 2: add annotations.asr_model_sha256. 2 -> 3: rebuild the annotations table (SQLite cannot drop
+    a UNIQUE constraint in place) with the review columns, every row copied as it is and marked pending,
+    ids kept; then the indexes of version 3. Runs in the caller's BEGIN IMMEDIATE transaction, so two
+    processes opening an old database at once migrate it once, and a failure leaves it as it was."""
     columns = {r[1] for r in con.execute("PRAGMA table_info(annotations)")}
     if "asr_model_sha256" not in columns:
         con.execute("ALTER TABLE annotations ADD COLUMN asr_model_sha256 TEXT")
+        columns.add("asr_model_sha256")
+    if "review_state" not in columns:
+        start = SCHEMA.index("CREATE TABLE IF NOT EXISTS annotations (")
+        ddl = SCHEMA[start:SCHEMA.index("\n);", start) + 2]
+        con.execute(ddl.replace("IF NOT EXISTS annotations (", "annotations_v3 (", 1))
+        keep = ", ".join(c for c in (r[1] for r in con.execute("PRAGMA table_info(annotations_v3)")) if c in columns)
+        con.execute(f"INSERT INTO annotations_v3 ({keep}) SELECT {keep} FROM annotations")
+        con.execute("DROP TABLE annotations")
+        con.execute("ALTER TABLE annotations_v3 RENAME TO annotations")
+    con.execute(LIVE_INDEX)
+    con.execute(REVIEW_INDEX)
     con.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
                 (str(SCHEMA_VERSION), SCHEMA_VERSION))
 

@@ -81,8 +81,10 @@ def test_record_transcribe_edit_save_in_chromium(tmp_path, monkeypatch):
     assert s.abs(rec.audio_path).is_file() and s.verify() == []
     assert s.caption(rec.image_id)["caption"] == "A red square next to two cups and a spoon."
 
+    from annotate import review
     from annotate.cli import main_export
 
+    review.accept(s, rec.id, "admin")  # the export holds accepted annotations
     out = tmp_path / "pixmo_cap.parquet"
     assert main_export(project, out) == 0
     import datasets

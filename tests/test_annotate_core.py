@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from annotate import cli
+from annotate import cli, review
 from annotate.audio import Audio, AudioDecodeError, decode_audio, list_input_devices, write_flac_atomic
 from annotate.caption import NO_MODEL_STATUS, build_caption_prompt, clean_model_caption, draft_caption
 from annotate.export import EXPORT_SCHEMA, PIXMO_CAP_SCHEMA, import_pixmo_cap
@@ -271,8 +271,9 @@ def test_export_schema_loads_with_datasets_and_roundtrips(project, tmp_path):
     s = Store(project, annotations_per_image=2)
     for who in ("alice", "bob"):
         t = s.next_image(who)
-        s.save_annotation(t.image_id, who, tone(1), f"raw {who}", f"edited {who}",
-                          [{"start": 0.0, "end": 0.9, "text": "x"}], asr_model="tiny")
+        rec = s.save_annotation(t.image_id, who, tone(1), f"raw {who}", f"edited {who}",
+                                [{"start": 0.0, "end": 0.9, "text": "x"}], asr_model="tiny")
+        review.accept(s, rec.id, "admin")  # the export holds accepted annotations (default)
     s.set_caption(t.image_id, "A picture.", "bob", source="model+edited", model="Molmo-tiny")
     out = tmp_path / "out" / "cap.parquet"
     assert cli.main_export(project, out) == 0
