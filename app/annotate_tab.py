@@ -349,7 +349,8 @@ def create_annotate_tab(
         else:
             names = roots.projects()
             c["project"] = gr.Dropdown(names, value=_default_project(project_dir_default, roots, names),
-                                       label="Project", elem_id="annotate_project", scale=3)
+                                       label="Project", elem_id="annotate_project", scale=3,
+                                       allow_custom_value=True)  # checked by roots.project on the server
             c["projects_refresh"] = gr.Button("Refresh list", elem_id="annotate_projects_refresh", scale=0,
                                               min_width=100)
         c["next"] = gr.Button("Next image", variant="primary", elem_id="annotate_next", scale=1)

@@ -74,8 +74,8 @@ def test_bundled_tiny_en_transcribes_espeak_paragraph_within_20_percent_wer(tmp_
     t0 = time.perf_counter()
     session, raw, transcript, segments, status = h.transcribe(str(wav), new_session())
     seconds = time.perf_counter() - t0
-    assert session["asr_model"] == BUNDLED_NAME
-    assert session["asr_model_sha256"] == BUNDLED_SHA256["model.bin"]
+    assert session.asr_model == BUNDLED_NAME
+    assert session.asr_model_sha256 == BUNDLED_SHA256["model.bin"]
     assert "bundled tiny.en" in status and "'small.en' is not installed" in status
     rate = wer(PARAGRAPH, transcript)
     with capsys.disabled():
@@ -151,8 +151,8 @@ def test_admin_picks_another_installed_model_in_the_ui(tmp_path, no_configured_m
     assert h.pick_model("tiny-random").startswith("Speech model: tiny-random")
     wav = espeak_wav("A red square.", tmp_path / "short.wav")
     session, *_, status = h.transcribe(str(wav), new_session())
-    assert session["asr_model"] == "tiny-random" and "bundled" not in status
-    assert session["asr_model_sha256"] == sha256_file(tiny_whisper_dir() / "model.bin")
+    assert session.asr_model == "tiny-random" and "bundled" not in status
+    assert session.asr_model_sha256 == sha256_file(tiny_whisper_dir() / "model.bin")
     assert "loaded: tiny-random" in h.model_status()
 
 
@@ -190,14 +190,14 @@ def test_version_1_database_gains_the_model_hash_column_and_keeps_its_rows(tmp_p
     old = s.annotations(1)
     assert [(a.transcript, a.asr_model, a.asr_model_sha256) for a in old] == [("old words", "small.en", None)]
     with sqlite3.connect(db) as c:
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"  # 1 -> 2 -> 3
     audio = Audio(np.zeros((16000, 1), np.int16), 16000)
     s.save_annotation(2, "ann", audio, "new raw", "new words", asr_model=BUNDLED_NAME,
                       asr_model_sha256=BUNDLED_SHA256["model.bin"])
     Store(project)  # reopening a migrated database changes nothing
     assert [a.asr_model_sha256 for a in Store(project).annotations()] == [None, BUNDLED_SHA256["model.bin"]]
     out = tmp_path / "out.parquet"
-    export_pixmo_cap(project, out)
+    export_pixmo_cap(project, out, include_unreviewed=True)  # both rows are pending review
     rows = pq.read_table(out).to_pylist()
     by_path = {r["image_path"]: r for r in rows}
     assert by_path["img_000.png"]["asr_models"] == ["small.en"]
