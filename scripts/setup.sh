@@ -24,4 +24,13 @@ req=requirements.txt
 (( want_tests )) && req=requirements-test.txt
 # torch is pinned exactly in requirements.txt: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check -r "$req"
+if (( want_tests )); then
+  # Test-only reference for the Molmo2 parity tests: transformers' own Molmo2 processors need torchvision, whose
+  # PyPI wheel is a CUDA build that crashes next to CPU torch (and breaks `import peft`). So it never goes into
+  # .venv: it lives in .ref/torchvision (ignored by git through .ref/.gitignore) and only the tests' reference
+  # subprocess puts it on PYTHONPATH (tests/molmo2_reference.py). 0.28.0 is the build for torch 2.13.0.
+  [[ -d .ref/torchvision/torchvision ]] || .venv/bin/pip install -q --disable-pip-version-check --no-deps \
+    --target .ref/torchvision torchvision==0.28.0
+  mkdir -p .ref && echo '*' > .ref/.gitignore
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

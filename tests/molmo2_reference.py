@@ -73,7 +73,9 @@ def run_case(case: dict, proc, model) -> dict:
     t0 = time.perf_counter()
     if video:
         meta = VideoMetadata(total_num_frames=len(frames), fps=video["fps"])
-        inputs = proc(text=text, videos=[frames], video_metadata=[meta], **kwargs)
+        # as a torch tensor: with a numpy video, transformers 5.23 indexes it with a 1-element index tensor when
+        # one frame is sampled, numpy takes that as a scalar index, and the frame axis is lost (a crash)
+        inputs = proc(text=text, videos=[torch.from_numpy(frames)], video_metadata=[meta], **kwargs)
     else:
         inputs = proc(text=text, images=images or None, **kwargs)
     seconds = time.perf_counter() - t0

@@ -156,7 +156,8 @@ def select_tiling(height: float, width: float, window: int, max_crops: int) -> t
     tilings = sorted(((h, w) for h in range(1, max_crops + 1) for w in range(1, max_crops + 1)
                       if h * w <= max_crops), key=lambda t: (t[0] * t[1], t[0]))
     sizes = np.array(tilings, dtype=np.float32) * np.float32(window)
-    scale = (sizes / np.array([height, width], dtype=np.float32)).min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # images within the margins: as torch, inf / nan
+        scale = (sizes / np.array([height, width], dtype=np.float32)).min(axis=1)
     if np.all(scale < 1):
         return tilings[int(np.argmax(scale))]
     return tilings[int(np.argmin(np.where(scale < 1, np.float32(10e9), scale)))]
@@ -420,6 +421,7 @@ class Molmo2Inputs:
     """The model inputs (batch of one) plus what the caller may want to know about them."""
     tensors: dict[str, torch.Tensor]
     text: str  # the expanded prompt that was tokenized
+    prompt: str = ""  # the same before the placeholders were expanded (bos + rendered chat template)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) per image, as the model saw it
     timestamps: list[float] = field(default_factory=list)  # of the video frames used
 
@@ -584,7 +586,7 @@ class Molmo2Preprocessor:
                "attention_mask": torch.tensor(enc["attention_mask"], dtype=torch.int64)[None],
                "mm_token_type_ids": torch.from_numpy(mm.astype(np.int64))[None]}
         out.update(tensors)
-        return Molmo2Inputs(out, expanded, sizes, stamps)
+        return Molmo2Inputs(out, expanded, text, sizes, stamps)
 
 
 def read_chat_template(path: Path, tokenizer=None) -> str | None:

@@ -1,0 +1,402 @@
+"""Parity: our Molmo2 preprocessing (no torchvision) against transformers' own Molmo2Processor, and the model
+given our inputs against transformers' processor + model + generate.
+
+The reference runs in a subprocess (tests/molmo2_reference.py) with the test-only torchvision from
+.ref/torchvision on PYTHONPATH (scripts/setup.sh --test installs it; it is never installed into .venv). It
+loads the tiny checkpoints with `AutoProcessor` / `Molmo2ForConditionalGeneration.from_pretrained` and writes
+its tensors per case; the tests compute ours in this process and compare key by key: same keys, dtypes and
+shapes, integer tensors equal, pixel values within 1e-6 (they come out bit-identical), logits within 1e-4
+(fp32, CPU), and the same greedy tokens.
+
+Both sides run torch with the same number of threads: torch's float bilinear interpolation is not bit-stable
+across thread counts (1-ulp differences flip a few x.5 roundings to the next uint8 level, 1/127.5 after
+normalization), for transformers' processor as much as for ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from molmo_core.molmo2.processing import Video
+
+pytestmark = pytest.mark.parity
+
+ROOT = Path(__file__).resolve().parents[1]
+REF_TORCHVISION = ROOT / ".ref" / "torchvision"
+PIXEL_TOL = 1e-6
+LOGIT_TOL = 1e-4
+MODEL_KEYS = ("logits", "greedy", "rendered", "seconds")
+
+
+# ----------------------------------------------------------------------------------------- inputs
+# (name, width, height, mode, content)
+IMAGES = [
+    ("tiny_1x1", 1, 1, "RGB", "noise"),
+    ("tiny_2x3", 2, 3, "RGB", "noise"),
+    ("tiny_13x7", 13, 7, "RGB", "noise"),
+    ("patch_14x14", 14, 14, "RGB", "noise"),
+    ("small_100x60", 100, 60, "RGB", "blocks"),
+    ("odd_123x457", 123, 457, "RGB", "noise"),
+    ("crop_378x378", 378, 378, "RGB", "noise"),
+    ("canvas_644x644", 644, 644, "RGB", "gradient"),
+    ("vga_640x480", 640, 480, "RGB", "blocks"),
+    ("odd_1000x700", 1000, 700, "RGB", "noise"),
+    ("hd_1280x720", 1280, 720, "RGB", "gradient"),
+    ("square_800x800", 800, 800, "RGB", "noise"),
+    ("wide_1000x20", 1000, 20, "RGB", "noise"),
+    ("very_wide_3000x40", 3000, 40, "RGB", "gradient"),
+    ("pano_2400x300", 2400, 300, "RGB", "blocks"),
+    ("tall_30x1500", 30, 1500, "RGB", "noise"),
+    ("tall_200x1100", 200, 1100, "RGB", "gradient"),
+    ("rgba_300x200", 300, 200, "RGBA", "noise"),
+    ("rgba_cutout_50x400", 50, 400, "RGBA", "cutout"),
+    ("l_256x256", 256, 256, "L", "noise"),
+    ("la_100x90", 100, 90, "LA", "noise"),
+    ("p_200x150", 200, 150, "P", "noise"),
+    ("p_transparent_120x80", 120, 80, "P", "transparent"),
+    ("cmyk_90x160", 90, 160, "CMYK", "noise"),
+    ("bilevel_64x48", 64, 48, "1", "noise"),
+    ("i16_70x50", 70, 50, "I;16", "noise"),
+]
+# (name, frames, height, width, fps): sampling at <= 2 fps, the frame cap, a non-integer rate, 1 fps
+VIDEOS = {
+    "a": [("v9_2fps", 9, 48, 64, 2.0), ("v37_7.5fps", 37, 50, 70, 7.5), ("v70_cap64", 70, 8, 8, 2.0)],
+    "b": [("v3_30fps", 3, 40, 30, 30.0), ("v200_24fps", 200, 36, 48, 24.0), ("v100_29.97fps", 100, 20, 90, 29.97),
+          ("v25_1fps", 25, 30, 30, 1.0)],
+}
+
+
+def make_image(w: int, h: int, mode: str, content: str, rng: np.random.Generator) -> Image.Image:
+    if content == "gradient":
+        y, x = np.mgrid[0:h, 0:w]
+        rgb = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256], -1).astype(np.uint8)
+    elif content == "blocks":
+        rgb = np.kron(rng.integers(0, 256, (h // 7 + 1, w // 7 + 1, 3)), np.ones((7, 7, 1)))[:h, :w].astype(np.uint8)
+    else:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if mode == "RGBA":
+        alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        if content == "cutout":
+            alpha[:, : w // 2] = 0
+        return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    img = Image.fromarray(rgb, "RGB")
+    if mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        if content == "transparent":
+            img.info["transparency"] = 3
+        return img
+    if mode == "LA":
+        return Image.fromarray(np.dstack([rgb[..., 0], rng.integers(0, 256, (h, w), dtype=np.uint8)]), "LA")
+    if mode == "I;16":
+        return Image.fromarray((rgb[..., 0].astype(np.uint16) * 257), "I;16")
+    return img.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Image files (PNG; TIFF for CMYK) and video .npy files, the same bytes for both sides."""
+    root = tmp_path_factory.mktemp("m2media")
+    rng = np.random.default_rng(20240611)
+    images = {}
+    for name, w, h, mode, content in IMAGES:
+        path = root / (name + (".tiff" if mode == "CMYK" else ".png"))
+        img = make_image(w, h, mode, content, rng)
+        img.save(path, **({"transparency": img.info["transparency"]} if "transparency" in img.info else {}))
+        images[name] = str(path)
+    videos = {}
+    for size, vids in VIDEOS.items():
+        for name, t, h, w, fps in vids:
+            frames = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+            path = root / f"{name}.npy"
+            np.save(path, frames)
+            videos[name] = {"npy": str(path), "fps": fps}
+    return images, videos
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    from molmo_core.molmo2.tiny import write_tiny_molmo2
+
+    root = tmp_path_factory.mktemp("m2ckpt")
+    paths = {s: str(write_tiny_molmo2(root / s, s)) for s in ("a", "b")}
+    # b with a video config that does not set do_rescale / do_normalize (see the last test)
+    silent = root / "b-silent"
+    shutil.copytree(paths["b"], silent)
+    cfg = json.loads((silent / "processor_config.json").read_text())
+    for k in ("do_rescale", "do_normalize"):
+        del cfg["video_processor"][k]
+    (silent / "processor_config.json").write_text(json.dumps(cfg))
+    return {**paths, "b-silent": str(silent)}
+
+
+def build_cases(ckpts: dict, media) -> list[dict]:
+    images, videos = media
+    cases = [dict(name="b-silent-video", group="silent", size="b-silent", checkpoint=ckpts["b-silent"],
+                  prompt="What?", video=videos["v3_30fps"])]
+    for size in ("a", "b"):
+        ck = ckpts[size]
+        for name in images:
+            cases.append(dict(name=f"{size}-one-{name}", group="one", size=size, checkpoint=ck,
+                              prompt="Point to the brightest spot.", images=[images[name]]))
+        sets = [["vga_640x480", "tiny_13x7", "very_wide_3000x40"], ["rgba_300x200", "l_256x256", "p_200x150"],
+                ["tall_30x1500", "crop_378x378", "tall_30x1500"]]
+        for k, names in enumerate(sets):
+            cases.append(dict(name=f"{size}-three-{k}", group="three", size=size, checkpoint=ck,
+                              prompt="Which image shows more red?", images=[images[n] for n in names]))
+        for name, *_ in VIDEOS[size]:
+            cases.append(dict(name=f"{size}-video-{name}", group="video", size=size, checkpoint=ck,
+                              prompt="What happens in this video?", video=videos[name]))
+        # prompts: history, raw template, text only, max_crops overrides
+        cases += [
+            dict(name=f"{size}-prompt-history", group="prompt", size=size, checkpoint=ck, prompt="And now?",
+                 history=[["How many dogs?", "There are 2."], ["Point to them.", '<points coords="1 1 100 200">']],
+                 images=[images["odd_1000x700"]]),
+            dict(name=f"{size}-prompt-raw", group="prompt", size=size, checkpoint=ck, prompt=" long_caption 65:",
+                 images=[images["small_100x60"]], template="none"),
+            dict(name=f"{size}-prompt-text", group="prompt", size=size, checkpoint=ck,
+                 prompt="Write one sentence about clocks. Ünïcödé ✓", history=[["hi", "hello"]]),
+            dict(name=f"{size}-prompt-crops2", group="prompt", size=size, checkpoint=ck, prompt="Count the boats.",
+                 images=[images["hd_1280x720"]], max_crops=2),
+            dict(name=f"{size}-prompt-crops12", group="prompt", size=size, checkpoint=ck, prompt="Count the boats.",
+                 images=[images["pano_2400x300"]], max_crops=12),
+        ]
+        # the model, on our inputs vs on transformers' inputs
+        # (small inputs: the processor cases above cover the large ones; these cover the model given them)
+        model_cases = [
+            dict(prompt="Point to the cat.", images=[images["odd_123x457"]]),
+            dict(prompt="Compare them.", images=[images["small_100x60"], images["rgba_cutout_50x400"],
+                                                 images["tiny_13x7"]], history=[["First?", "A boat."]]),
+            dict(prompt="What happens?", video=videos[VIDEOS[size][0][0]]),
+            dict(prompt="Tell me a story.", history=[["hi", "hello"]]),
+        ]
+        for k, extra in enumerate(model_cases):
+            cases.append(dict(name=f"{size}-model-{k}", group="model", size=size, checkpoint=ck, model=True,
+                              max_new_tokens=8, **extra))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts, media, tmp_path_factory):
+    """Run transformers' processor (+ model) on every case in one subprocess; returns (cases, out dir)."""
+    if not (REF_TORCHVISION / "torchvision").is_dir():
+        pytest.skip(f"the test-only torchvision is not in {REF_TORCHVISION}: run `scripts/setup.sh --test` "
+                    "(it installs torchvision==0.28.0 there with --no-deps --target, never into .venv)")
+    cases = build_cases(ckpts, media)
+    out = tmp_path_factory.mktemp("m2ref")
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"cases": cases, "threads": torch.get_num_threads()}))
+    env = dict(os.environ, PYTHONPATH=str(REF_TORCHVISION), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "molmo2_reference.py"), str(spec), str(out)],
+                       env=env, cwd=str(out), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"reference subprocess failed:\n{r.stderr[-4000:]}"
+    done = json.loads((out / "done.json").read_text())
+    assert done == {"cases": len(cases), "processor": "Molmo2Processor"}
+    return {"cases": cases, "dir": out, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+
+
+@pytest.fixture(scope="module")
+def runners(ckpts):
+    from molmo_core.molmo2 import load_molmo2
+
+    rs = {s: load_molmo2(ck, device="cpu") for s, ck in ckpts.items()}
+    yield rs
+    for r in rs.values():
+        r.close()
+
+
+def ours(runner, case: dict):
+    images = [Image.open(p) for p in case.get("images", [])]
+    video = case.get("video")
+    video = Video(np.load(video["npy"]), video["fps"]) if video else None
+    return runner.processor(case["prompt"], images=images or None, video=video,
+                            history=[tuple(t) for t in case.get("history", [])], max_crops=case.get("max_crops"),
+                            template=case.get("template", "role"))
+
+
+def load_ref(reference, case) -> dict:
+    return torch.load(reference["dir"] / f"{case['name']}.pt", weights_only=False)
+
+
+def compare(mine: dict, ref: dict) -> dict[str, float]:
+    """Same keys, dtypes, shapes; integers equal; floats within PIXEL_TOL. Returns the max |diff| per float key.
+    Raises AssertionError naming the first difference."""
+    ref_keys = {k for k in ref if k not in MODEL_KEYS}
+    assert set(mine) == ref_keys, f"keys differ: ours-only {set(mine) - ref_keys}, ref-only {ref_keys - set(mine)}"
+    diffs = {}
+    for k in sorted(ref_keys):
+        a, b = mine[k], ref[k]
+        assert a.dtype == b.dtype, f"{k}: dtype {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"{k}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        if a.dtype.is_floating_point:
+            d = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+            assert d <= PIXEL_TOL, f"{k}: max |diff| {d:.3g} > {PIXEL_TOL}"
+            diffs[k] = d
+        else:
+            bad = (a != b).nonzero()
+            assert len(bad) == 0, f"{k}: {len(bad)} element(s) differ, first at {bad[0].tolist()}"
+    return diffs
+
+
+def check_group(reference, runners, group: str, size: str) -> list[dict]:
+    results, failures = [], []
+    for case in reference["cases"]:
+        if case["group"] != group or case["size"] != size:
+            continue
+        torch.set_num_threads(reference["threads"])
+        x = ours(runners[size], case)
+        ref = load_ref(reference, case)
+        try:
+            results.append({"case": case["name"], **compare(x.tensors, ref)})
+        except AssertionError as e:
+            failures.append(f"{case['name']}: {e}")
+    assert results or failures, f"no {group} cases for size {size}"
+    assert not failures, "\n".join(failures)
+    return results
+
+
+# ----------------------------------------------------------------------------------------- processor parity
+@pytest.mark.parametrize("size", ["a", "b"])
+def test_single_images_match_transformers_processor(reference, runners, size):
+    results = check_group(reference, runners, "one", size)
+    assert len(results) == len(IMAGES)
+    assert max(r["pixel_values"] for r in results) <= PIXEL_TOL
+
+
+@pytest.mark.parametrize("size", ["a", "b"])
+def test_three_images_match_transformers_processor(reference, runners, size):
+    results = check_group(reference, runners, "three", size)
+    assert len(results) == 3
+
+
+@pytest.mark.parametrize("size", ["a", "b"])
+def test_videos_match_transformers_processor(reference, runners, size):
+    results = check_group(reference, runners, "video", size)
+    assert len(results) == len(VIDEOS[size])
+    assert all("pixel_values_videos" in r for r in results)
+
+
+@pytest.mark.parametrize("size", ["a", "b"])
+def test_prompts_history_raw_text_only_and_max_crops_match(reference, runners, size):
+    """Also the prompt before expansion: bos + the chat template as transformers renders it."""
+    check_group(reference, runners, "prompt", size)
+    bos = runners[size].processor.bos
+    for case in reference["cases"]:
+        if case["group"] == "prompt" and case["size"] == size:
+            x = ours(runners[size], case)
+            ref = load_ref(reference, case)
+            assert x.prompt == (ref["rendered"] if ref["rendered"].startswith(bos) else bos + ref["rendered"])
+
+
+def test_video_frame_count_and_timestamps(reference, runners):
+    """The sampled frames and the timestamps written into the prompt, for the cases with known answers."""
+    by_name = {c["name"]: c for c in reference["cases"]}
+    expect = {"a-video-v9_2fps": (9, "4.0"), "a-video-v70_cap64": (64, None), "b-video-v200_24fps": (16, None),
+              "b-video-v3_30fps": (1, "0.0")}
+    for name, (frames, last) in expect.items():
+        ref = load_ref(reference, by_name[name])
+        assert int(ref["video_grids"][0, 0]) == frames
+        x = ours(runners[name[0]], by_name[name])
+        assert len(x.timestamps) == frames
+        if last is not None:
+            assert f"{last} <frame_start>" in x.text
+
+
+# ----------------------------------------------------------------------------------------- model parity
+@pytest.mark.parametrize("size", ["a", "b"])
+def test_model_logits_and_greedy_tokens_match(reference, runners, size):
+    """Logits from our inputs vs transformers' processor + model (fp32, CPU), and the greedy answer through
+    both our `generate_ids` and the streaming `generate`."""
+    runner = runners[size]
+    cases = [c for c in reference["cases"] if c["group"] == "model" and c["size"] == size]
+    assert len(cases) == 4
+    worst = 0.0
+    for case in cases:
+        torch.set_num_threads(reference["threads"])
+        x = ours(runner, case)
+        ref = load_ref(reference, case)
+        compare(x.tensors, ref)
+        with torch.inference_mode():
+            logits = runner.model(**x.tensors).logits[0].float()
+        d = float((logits - ref["logits"]).abs().max())
+        worst = max(worst, d)
+        assert d <= LOGIT_TOL, f"{case['name']}: max |logit diff| {d:.3g}"
+        want = ref["greedy"].tolist()
+        want = want[:next((k for k, t in enumerate(want) if t in runner.eos_ids), len(want))]
+        assert runner.generate_ids(x, case["max_new_tokens"]) == want, case["name"]
+        image = ([Image.open(p) for p in case["images"]] if case.get("images") else
+                 Video(np.load(case["video"]["npy"]), case["video"]["fps"]) if case.get("video") else None)
+        text = runner.generate(image, case["prompt"], history=[tuple(t) for t in case.get("history", [])],
+                               max_new_tokens=case["max_new_tokens"])
+        assert text == runner.tokenizer.decode(want, skip_special_tokens=True).strip(), case["name"]
+    assert worst <= LOGIT_TOL
+
+
+# ----------------------------------------------------------------------------------------- the tests can fail
+def test_comparison_catches_small_differences(reference, runners):
+    """compare() fails on a 1e-5 change of one pixel value, a changed pooling index, one changed token."""
+    case = next(c for c in reference["cases"] if c["name"] == "a-three-0")
+    x = ours(runners["a"], case).tensors
+    ref = load_ref(reference, case)
+    compare(x, ref)
+    for key, change in [("pixel_values", lambda t: t.view(-1)[12345].add_(1e-5)),
+                        ("image_token_pooling", lambda t: t.__setitem__([3, 4], t[[4, 3]].clone())),
+                        ("input_ids", lambda t: t[0, 7].add_(1)),
+                        ("image_grids", lambda t: t[1, 2].add_(1))]:
+        bad = {k: v.clone() for k, v in x.items()}
+        change(bad[key])
+        with pytest.raises(AssertionError, match=key):
+            compare(bad, ref)
+
+
+def test_wrong_resize_or_layout_would_be_caught(reference, runners, monkeypatch):
+    """Plausible wrong implementations differ measurably: an antialiased resize moves pixel values far beyond
+    the tolerance, and the model's logits (not only the inputs) react to such a change far beyond 1e-4."""
+    import molmo_core.molmo2.processing as P
+
+    case = next(c for c in reference["cases"] if c["name"] == "a-model-0")
+    ref = load_ref(reference, case)
+    real = P.F.interpolate
+
+    def antialiased(x, **kw):
+        return real(x, **dict(kw, antialias=True))
+
+    monkeypatch.setattr(P.F, "interpolate", antialiased)
+    x = ours(runners["a"], case)
+    monkeypatch.setattr(P.F, "interpolate", real)
+    d_pix = float((x["pixel_values"] - ref["pixel_values"]).abs().max())
+    assert d_pix > 100 * PIXEL_TOL
+    with torch.inference_mode():
+        logits = runners["a"].model(**x.tensors).logits[0]
+    assert float((logits - ref["logits"]).abs().max()) > 10 * LOGIT_TOL
+    with pytest.raises(AssertionError, match="pixel_values"):
+        compare(x.tensors, ref)
+
+
+def test_reference_video_config_without_normalize_gives_raw_frames(reference, ckpts):
+    """The one deliberate difference (processing.VideoSettings): a checkpoint whose video config does not set
+    do_rescale / do_normalize gets raw 0-255 frames from transformers 5.23; ours normalizes them like images.
+    Same pixels otherwise: ref == ours * 127.5 + 127.5 exactly, same tokens."""
+    from molmo_core.molmo2.processing import Molmo2Preprocessor
+
+    case = next(c for c in reference["cases"] if c["group"] == "silent")
+    ref = load_ref(reference, case)
+    assert ref["pixel_values_videos"].dtype == torch.uint8
+    x = ours(type("R", (), {"processor": Molmo2Preprocessor.from_pretrained(ckpts["b-silent"])}), case)
+    assert x["pixel_values_videos"].dtype == torch.float32
+    assert torch.equal(x["pixel_values_videos"] * 127.5 + 127.5, ref["pixel_values_videos"].float())
+    with pytest.raises(AssertionError, match="pixel_values_videos: dtype"):
+        compare(x.tensors, ref)
+    for k in ("input_ids", "video_token_pooling", "video_grids", "mm_token_type_ids"):
+        assert torch.equal(x[k], ref[k])
