@@ -26,6 +26,9 @@ Rules kept here:
   ``model+edited`` otherwise; a caption saved exactly as it is shown (already stored) keeps its
   author and source (not saved again).
 * Blocking recording problems (too short, silent) refuse the save.
+* Privacy (``others=False``, for a signed-in annotator who is not an admin): nothing another annotator
+  wrote is shown, directly or through the model: the caption box starts empty unless the caption is
+  the annotator's own, and a caption draft uses only the annotator's own transcript.
 
 Every refusal is a ``SessionError`` (a ``StoreError``) whose message is written for the annotator.
 """
@@ -178,10 +181,11 @@ class AnnotationSession:
 
     # -- queue -----------------------------------------------------------------------------------
 
-    def start(self, store: Store, annotator: str | None, guidance: str = "") -> NextImage:
+    def start(self, store: Store, annotator: str | None, guidance: str = "", others: bool = True) -> NextImage:
         """Forget the current image and take the next one for ``annotator`` from ``store``.
 
-        ``guidance`` is appended to the status line when an image is handed out."""
+        ``guidance`` is appended to the status line when an image is handed out. ``others=False``: the
+        image's caption is shown only when this annotator wrote it."""
         who = annotator_name(annotator)
         fresh = AnnotationSession(project=str(store.root), annotator=who)
         self.__dict__.update(fresh.__dict__)
@@ -198,6 +202,8 @@ class AnnotationSession:
                 notes.append(f"Your earlier description of this image was rejected in review ({a.review_reason}); "
                              "please describe it again.")
         cap = store.current_caption(task.image_id)
+        if cap and not others and cap["author"] != who:
+            cap = None
         return NextImage(task, cap["caption"] if cap else "", notes, guidance)
 
     def require_image(self, project: str | None, annotator: str | None, verb: str) -> str:
@@ -258,12 +264,14 @@ class AnnotationSession:
         return Transcribed(result.text, segments, status)
 
     def draft(self, open_store: Callable[[str], Store], transcript: str | None,
-              generate_text: Callable[[str], str] | None, model_name: str | None = None) -> CaptionDraft:
-        """Draft a caption from the image's live transcripts plus ``transcript`` (``annotate.caption``).
+              generate_text: Callable[[str], str] | None, model_name: str | None = None,
+              others: bool = True) -> CaptionDraft:
+        """Draft a caption from the image's live transcripts plus ``transcript`` (``annotate.caption``);
+        with ``others=False`` from ``transcript`` alone.
 
         The draft is remembered (it decides the caption source at save time) when one was made."""
         texts: list[str] = []
-        if self.image_id is not None and self.project:
+        if others and self.image_id is not None and self.project:
             texts = open_store(self.project).transcripts(self.image_id)
         if (transcript or "").strip():
             texts.append(transcript)

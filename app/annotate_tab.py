@@ -7,8 +7,10 @@ an ``api_name`` starting with ``annotate_`` for gradio_client. User-facing failu
 (through ``user_errors``) with a message saying what to do, never a traceback.
 
 Identity: with login the annotator is the signed-in account (``app.access.current_user``); the name
-box is hidden and any name sent is ignored, and progress shows other annotators' counts to admins
-only. Without login (one person on loopback) the typed name is used.
+box is hidden and any name sent is ignored. An annotator who is not an admin never sees what another
+annotator wrote: progress without others' names and counts, no caption of someone else in the caption
+box, caption drafts from their own transcript only. Without login (one person on loopback) the typed
+name is used and everything is shown.
 """
 from __future__ import annotations
 
@@ -178,7 +180,7 @@ class AnnotateHandlers:
         annotator_name(who)  # a missing name is said before anything about the project
         store = self._store(project)
         s = AnnotationSession()
-        nxt = s.start(store, who, self.rules.guidance())
+        nxt = s.start(store, who, self.rules.guidance(), others=see_all)
         image_value = None
         if nxt.task is not None and nxt.task.abs_path:
             image_value, problem = _display_image(nxt.task.abs_path)
@@ -247,16 +249,18 @@ class AnnotateHandlers:
     def draft(self, transcript, project, session):
         """-> session, caption, status."""
         s = AnnotationSession.restore(session)
+        _, see_all = _caller(None)
         runner = self.get_runner() if self.get_runner else None
-        gen, failures = None, []
-        if runner is not None:
-            def gen(prompt: str) -> str:
-                try:
-                    return runner.generate(None, prompt, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
-                except Exception as e:
-                    failures.append(e)
-                    raise
-        result = s.draft(self._open, transcript, gen, getattr(runner, "name", None))
+        failures: list[Exception] = []
+
+        def generate(prompt: str) -> str:
+            try:
+                return runner.generate(None, prompt, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+            except Exception as e:
+                failures.append(e)
+                raise
+        result = s.draft(self._open, transcript, generate if runner is not None else None,
+                         getattr(runner, "name", None), others=see_all)
         if failures and not isinstance(failures[0], USER_ERRORS):
             raise failures[0]  # a bug, not a model message: user_errors logs it with a ref
         if not result.ok:

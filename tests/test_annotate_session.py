@@ -133,6 +133,28 @@ def test_a_caption_saved_as_shown_keeps_its_author(project, tmp_path):
     assert (store.caption(1)["annotator"], store.caption(1)["source"]) == ("bob", "manual")
 
 
+def test_without_others_nothing_another_annotator_wrote_is_shown_or_drafted_from(project, tmp_path):
+    open_store = opener()
+    store = Store(project, annotations_per_image=2)
+    take = wav(tmp_path / "take.wav")
+    bob = AnnotationSession()
+    bob.start(store, "bob")
+    bob.save(open_store, str(store.root), "bob", take, "bob's private words", "Bob's caption.", RULES)
+    alice = AnnotationSession()
+    nxt = alice.start(store, "alice", others=False)
+    assert nxt.task.image_id == 1 and nxt.caption == ""
+    prompts = []
+    alice.draft(open_store, "alice's words", lambda p: prompts.append(p) or "A caption.", others=False)
+    assert "alice's words" in prompts[0] and "bob's private words" not in prompts[0]
+    alice.draft(open_store, "alice's words", lambda p: prompts.append(p) or "A caption.")  # others=True (admins)
+    assert "bob's private words" in prompts[1]
+    alice.save(open_store, str(store.root), "alice", take, "alice's words", "", RULES)
+    assert store.caption(1)["annotator"] == "bob"  # an empty box keeps the stored caption
+    assert bob.start(store, "bob", others=False).task.image_id == 2
+    store.set_caption(2, "Bob's own caption.", "bob")
+    assert AnnotationSession().start(store, "bob", others=False).caption == "Bob's own caption."
+
+
 def test_a_transcript_of_an_earlier_recording_is_refused_and_raw_goes_only_with_its_recording(project, tmp_path):
     open_store = opener()
     store = open_store(str(project.resolve()))

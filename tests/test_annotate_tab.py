@@ -98,6 +98,30 @@ def test_progress_of_others_is_for_admins_only_and_a_typed_name_is_ignored(proje
             h.next_image("  ", project, None)
 
 
+def test_an_annotator_does_not_see_another_annotators_caption_or_transcripts(project, tmp_path):
+    s = Store(project, annotations_per_image=3)
+    s.save_annotation(s.next_image("bob").image_id, "bob", None, "", "bob's private words", caption="Bob's caption.")
+    prompts = []
+
+    class Runner:
+        name = "tiny"
+
+        def generate(self, image, prompt, **kw):
+            prompts.append(prompt)
+            return "A caption."
+
+    h = AnnotateHandlers(lambda: Runner(), FakeTranscriber(), RULES)
+    with acting_as(User("alice", "annotator")):
+        session, _, _, caption, *_ = h.next_image("alice", project, None)
+        assert session.image_id == 1 and caption == ""
+        h.draft("alice's words", project, session)
+    with acting_as(User("root", "admin")):
+        session, _, _, caption, *_ = h.next_image("root", project, None)
+        assert caption == "Bob's caption."
+        h.draft("root's words", project, session)
+    assert "bob's private words" not in prompts[0] and "bob's private words" in prompts[1]
+
+
 def test_whoami_hides_the_name_box_with_login_and_the_model_box_from_annotators():
     h = handlers()
     with acting_as(None):
