@@ -107,7 +107,7 @@ def new_session() -> AnnotationSession:
 
 
 def _caller(typed_name: str | None) -> tuple[str | None, bool]:
-    """(the annotator name to use, whether the caller may see other annotators' counts).
+    """(the annotator name to use, whether the caller may see what other annotators wrote and did).
 
     With login the name is the signed-in account's, whatever was typed; only admins see others. Without
     login (one person on loopback) it is the typed name, and everything is visible."""
@@ -158,6 +158,7 @@ class AnnotateHandlers:
 
     # -- identity and projects -------------------------------------------------------------------
 
+    @user_errors("reading who is signed in")
     def whoami(self):
         """On page load: the name box without login; 'Signed in as ...' with it (admin box for admins)."""
         user = current_user()
