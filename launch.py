@@ -29,6 +29,7 @@ from pathlib import Path
 DEFAULT_HUB_MODEL = "allenai/Molmo-7B-D-0924"
 SMALL_HUB_MODEL = "allenai/MolmoE-1B-0924"
 CHECKPOINTS_DIR = Path("checkpoints")
+DEFAULT_DATA_ROOT = "projects"
 STUDIO_DIR = ".studio"  # under the data root: users.json, audit.jsonl, tls/
 
 
@@ -227,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: first free from 7860)")
     p.add_argument("--share", action="store_true", help="create a public share link (off by default)")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="one admin login (for a team, use --users)")
-    p.add_argument("--data-root", default="projects",
+    p.add_argument("--data-root", default=None,
                    help="projects, accounts, audit log and certificate live here (default ./projects)")
     p.add_argument("--https", action="store_true",
                    help="serve HTTPS with a self-signed certificate (made once, kept under the data root)")
@@ -235,13 +236,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     p.add_argument("--queue-size", type=int, default=64, help="max waiting requests (default 64)")
     # Other verbs: each takes over the command line.
-    p.add_argument("--annotate", metavar="FOLDER", help="open on the Annotate tab with this project folder")
+    p.add_argument("--annotate", metavar="PROJECT", help="open on the Annotate tab with this project (a name under "
+                   "the data root, or a folder: its parent becomes the data root)")
     p.add_argument("--finetune", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run the trainer: everything after --finetune goes to molmo_core.train.cli")
     p.add_argument("--eval", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="evaluate models or saved answers: everything after --eval goes to molmo_core.eval.cli")
     p.add_argument("--export-pixmo-cap", nargs=2, metavar=("FOLDER", "OUT_PARQUET"),
                    help="export an annotation project as PixMo-Cap parquet")
+    p.add_argument("--all", action="store_true",
+                   help="with --export-pixmo-cap: every annotation not rejected (default: accepted ones only)")
     p.add_argument("--users", nargs="+", metavar="ACTION",
                    help="manage accounts: list | add NAME --role admin|annotator | remove NAME | reset NAME "
                         "(passwords are asked for, or read from stdin with --password-stdin)")
@@ -297,6 +301,22 @@ def users_cli(data_root: str, action: list[str], role: str | None, password_stdi
     return 2
 
 
+def annotate_project(annotate: str, data_root: str, explicit_root: bool) -> tuple[str, str]:
+    """(data root, project name) for `--annotate X`: X is a project under the data root, or a folder
+    elsewhere, whose parent then becomes the data root (unless --data-root was given: then it must be
+    under it)."""
+    folder = Path(annotate).expanduser()
+    root = Path(data_root).expanduser().resolve()
+    candidate = folder.resolve() if (folder.is_absolute() or folder.is_dir()) else (root / folder).resolve()
+    if candidate.parent == root:
+        return data_root, candidate.name
+    if explicit_root or not candidate.is_dir():
+        raise SystemExit(f"--annotate {annotate}: no project folder {candidate.name!r} directly under the data root "
+                         f"{root}. Give a project under it, or start with --data-root {candidate.parent}.")
+    print(f"data root: {candidate.parent} (the folder holding {candidate.name})", flush=True)
+    return str(candidate.parent), candidate.name
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.finetune is not None:
@@ -308,15 +328,19 @@ def cli(argv: list[str] | None = None) -> int:
 
         return int(eval_main(args.eval) or 0)
     if args.users:
-        return users_cli(args.data_root, args.users, args.role, args.password_stdin)
+        return users_cli(args.data_root or DEFAULT_DATA_ROOT, args.users, args.role, args.password_stdin)
     if args.export_pixmo_cap:
         from annotate.cli import main_export
 
-        return int(main_export(*args.export_pixmo_cap) or 0)
+        return int(main_export(*args.export_pixmo_cap, include_unreviewed=args.all) or 0)
     if args.max_crops < 1:
         print(f"--max-crops must be at least 1, got {args.max_crops}", file=sys.stderr)
         return 2
     # Default verb: serve the UI (--annotate opens the Annotate tab).
+    explicit_root = args.data_root is not None
+    args.data_root = args.data_root or DEFAULT_DATA_ROOT
+    if args.annotate:
+        args.data_root, args.annotate = annotate_project(args.annotate, args.data_root, explicit_root)
     main(model=args.model, quantize=args.quantize, max_crops=args.max_crops, host=args.host, port=args.port,
          share=args.share, auth=args.auth, queue_size=args.queue_size, annotate=args.annotate,
          data_root=args.data_root, https=args.https, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)

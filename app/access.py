@@ -17,6 +17,7 @@ Modes:
 from __future__ import annotations
 
 import base64
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -72,6 +73,16 @@ _CURRENT: contextvars.ContextVar[User | None] = contextvars.ContextVar("molmo_st
 def current_user() -> User | None:
     """The account of the event being handled; None when the app runs without login."""
     return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def acting_as(user: User | None) -> Iterator[None]:
+    """Run handlers as `user` (tests and the CLI call handlers directly, without the guard)."""
+    token = _CURRENT.set(user)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 # ---------------------------------------------------------------------------------------- passwords

@@ -23,6 +23,7 @@ from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
 from .eval_tab import create_eval_tab
 from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
 from .paths import Roots
+from .review_tab import create_review_tab
 from .service import MolmoService
 from .tempfiles import GRADIO_DELETE_CACHE, temp_dir
 from .train_tab import create_train_tab
@@ -31,10 +32,10 @@ log = logging.getLogger("molmo_studio")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train", "eval", "admin")
+TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train", "eval", "review", "admin")
 # Who sees which tab (cosmetic: the guard in app.access enforces the same rules on every event).
 TAB_RULES = {"model": ADMIN, "point": TASKS, "clock": TASKS, "ask": TASKS, "caption": TASKS,
-             "annotate": ANNOTATOR, "train": ADMIN, "eval": ADMIN, "admin": ADMIN}
+             "annotate": ANNOTATOR, "train": ADMIN, "eval": ADMIN, "review": ADMIN, "admin": ADMIN}
 HUB_CHOICES = ["allenai/Molmo-7B-D-0924", "allenai/Molmo-7B-O-0924", "allenai/MolmoE-1B-0924",
                "allenai/Molmo-72B-0924"]
 # Browsers give a page the microphone only in a secure context (HTTPS, or a loopback address): say so
@@ -323,11 +324,14 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
                 _caption_tab(h, point_examples)
             with gr.Tab("Annotate", id="annotate") as tabs["annotate"]:
                 gr.HTML(INSECURE_MIC_HTML, elem_id="annotate_insecure")
-                create_annotate_tab(annotate_dir, service.get_runner, **({"roots": roots} if roots is not None else {}))
+                create_annotate_tab(annotate_dir, service.get_runner, roots=roots)
             with gr.Tab("Train", id="train", visible=_visible(control, "train")) as tabs["train"]:
                 create_train_tab(lambda: _model_source(service), lambda path: _load_result(service, path), roots=roots)
             with gr.Tab("Eval", id="eval", visible=_visible(control, "eval")) as tabs["eval"]:
                 create_eval_tab(service, roots=roots if roots is not None else ())
+            with gr.Tab("Review", id="review", visible=_visible(control, "review") and roots is not None) as tabs["review"]:
+                if roots is not None:
+                    create_review_tab(roots.projects, roots.project)
             with gr.Tab("Admin", id="admin", visible=_visible(control, "admin") and roots is not None) as tabs["admin"]:
                 if roots is not None:
                     create_admin_tab(control, roots)
@@ -335,7 +339,7 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
         def page_load():
             """The model status, and the tabs this caller may use (the guard enforces the same rules)."""
             user = current_user()
-            shown = {tab: control.allows(user, rule) and (tab != "admin" or roots is not None)
+            shown = {tab: control.allows(user, rule) and (tab not in ("review", "admin") or roots is not None)
                      for tab, rule in TAB_RULES.items()}
             selected = default_tab if shown.get(default_tab) else "annotate"
             who = (f"Signed in as **{user.name}** ({user.role}) · [Sign out](/logout)" if user else "")

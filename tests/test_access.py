@@ -150,7 +150,8 @@ def _login(url: str, name: str) -> httpx.Client:
 ADMIN_EVENTS = ("load_model", "train_start", "train_poll", "train_load", "eval_start", "eval_status",
                 "admin_add_user", "admin_remove_user", "admin_reset_password", "admin_annotator_tasks",
                 "admin_create_project_folder", "admin_create_project_upload", "admin_audit",
-                "annotate_pick_asr_model")
+                "annotate_pick_asr_model", "review_next", "review_accept", "review_edit_accept", "review_reject",
+                "review_stats", "review_export")
 TASK_EVENTS = ("point", "count", "read_clock", "caption", "ask")
 
 
