@@ -209,13 +209,35 @@ def test_not_signed_in_and_wrong_passwords_are_refused(server):
     url = server["url"]
     anon = httpx.Client(timeout=30)
     assert anon.get(f"{url}config").status_code == 401
-    assert anon.post(f"{url}gradio_api/call/load_model", json={"data": [None, None, None]}).status_code == 401
+    for name in ADMIN_EVENTS + TASK_EVENTS + ("annotate_next", "annotate_save"):
+        assert anon.post(f"{url}gradio_api/call/{name}", json={"data": []}).status_code == 401, name
+    assert anon.post(f"{url}gradio_api/queue/join", json={"fn_index": 0, "data": [], "session_hash": "x"}
+                     ).status_code == 401
+    with pytest.raises(Exception):
+        Client(url, verbose=False)  # no credentials: the client cannot even read the app
     users_file = server["data"] / ".studio" / "users.json"
     assert anon.get(f"{url}gradio_api/file={users_file}").status_code in (401, 403)
     r = anon.post(f"{url}login", data={"username": "alice", "password": PASSWORDS["bob"]})
     assert r.status_code >= 400
     with pytest.raises(ValueError, match="Could not login"):
         Client(url, auth=("alice", "wrong-password"), verbose=False)
+
+
+def test_annotator_cannot_open_a_project_outside_the_data_root(server):
+    url, data, outside = server["url"], server["data"], server["outside"]
+    bob = _login(url, "bob")
+    config = bob.get(f"{url}config").json()
+    dep = next(d for d in config["dependencies"] if d.get("api_name") == "annotate_next")
+    comps = {c["id"]: c for c in config["components"]}
+    project_index = next(k for k, i in enumerate(dep["inputs"])
+                         if comps[i].get("props", {}).get("elem_id") == "annotate_project")
+    before = _tree(data)
+    for project in (str(outside), "../" + outside.name, "link_out", "/etc", "proj/../../" + outside.name):
+        args = _inputs(config, "annotate_next")
+        args[project_index] = project
+        text = _raw_call(bob, url, "annotate_next", args)
+        assert "event: error" in text and "project" in text.lower(), (project, text[:300])
+    assert _tree(data) == before and not (outside / "annotations.sqlite").exists()
 
 
 def test_gradio_serves_no_file_of_the_data_root(server):
