@@ -1,9 +1,17 @@
-"""`molmo_core.load(...)` -> `MolmoRunner`: the one object the app, the annotator and the trainer use."""
+"""`molmo_core.load(...)` -> a runner: the one object the app, the annotator, the evaluation and the trainer use.
+
+`load` reads the checkpoint's family from its config.json (`molmo_core.molmo2.model_family`) and returns a
+`MolmoRunner` (Molmo v1, our own implementation) or a `molmo_core.molmo2.Molmo2Runner` (Molmo2 through
+transformers' native classes). Both offer the same methods (`generate`, `stream`, `generate_batch`, `process`,
+`memory_bytes`, `close`) and say which they are in `runner.family` ("molmo" or "molmo2"); `family_of(source)`
+tells the family without loading anything.
+"""
 
 from __future__ import annotations
 
 import gc
 import json
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -25,6 +33,8 @@ class MolmoRunner:
 
     Thread-safe: concurrent calls are grouped into batches by one worker thread (`serving.BatchScheduler`),
     so several users share each decode step instead of waiting in line."""
+
+    family = "molmo"  # Molmo v1; a Molmo2Runner says "molmo2"
 
     def __init__(self, model: Molmo, processor: MolmoProcessor, name: str, path: Path | None = None,
                  quantize: str | None = None, max_batch: int = 8, compile: bool | None = None):
@@ -101,8 +111,56 @@ def fits_one_gpu(config: MolmoConfig, dtype: torch.dtype, quantize: str | None, 
     return n * per_param < headroom * free
 
 
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_MOLMO2_NAME = re.compile(r"molmo-?2", re.IGNORECASE)
+
+
+def family_of(source: str | Path) -> str:
+    """"molmo" (Molmo v1) or "molmo2" for a checkpoint folder or hub id, without loading it.
+
+    A folder (or a cached hub id) is what its config.json says (`molmo_core.molmo2.model_family`). A hub id
+    that is not cached yet is judged by its name (`allenai/Molmo2-4B` -> "molmo2"). Anything undecidable (no
+    config.json, a config of another model, a source that does not exist) is "molmo": the v1 loader then
+    says what is wrong with it, as it always has.
+    """
+    from .molmo2.load import model_family
+
+    path = Path(source).expanduser()
+    text = str(source)
+    if path.is_dir() or path.is_file() or _HUB_ID.fullmatch(text):
+        try:
+            return model_family(path if path.exists() else text)
+        except CheckpointError:
+            pass
+    if not path.exists() and _HUB_ID.fullmatch(text) and _MOLMO2_NAME.search(text.split("/")[-1]):
+        return "molmo2"
+    return "molmo"
+
+
 def load(source: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         quantize: str | None = None, max_crops: int | None = None, progress: ProgressFn | None = None) -> MolmoRunner:
+         quantize: str | None = None, max_crops: int | None = None, progress: ProgressFn | None = None):
+    """Load a Molmo v1 or Molmo2 checkpoint from a local folder or a hub id; the family comes from its
+    config.json (:func:`family_of`).
+
+    Returns:
+        a `MolmoRunner` (Molmo v1) or a `molmo_core.molmo2.Molmo2Runner` (Molmo2); `runner.family` says which.
+
+    Raises:
+        CheckpointError: not found, offline without a local copy, incomplete, or keys that do not match.
+    """
+    if quantize not in (None, "8bit", "4bit"):
+        raise CheckpointError(f"quantize must be None, '8bit' or '4bit'; got {quantize!r}.")
+    if family_of(source) == "molmo2":
+        from .molmo2.load import load_molmo2
+
+        return load_molmo2(source, quantize=quantize, device=device, dtype=dtype, max_crops=max_crops,
+                           progress=progress)
+    return load_molmo(source, device=device, dtype=dtype, quantize=quantize, max_crops=max_crops, progress=progress)
+
+
+def load_molmo(source: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               quantize: str | None = None, max_crops: int | None = None,
+               progress: ProgressFn | None = None) -> MolmoRunner:
     """Load an official Molmo v1 checkpoint from a local folder or a hub id.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Task prompts for Molmo v1 checkpoints.
+"""Task prompts for Molmo v1 and Molmo2 checkpoints.
 
 Every function here returns the *user text* only. The caller (preprocessing) wraps it
 as the model was trained: ``" User: {prompt} Assistant:"`` for the released fine-tuned
@@ -23,11 +23,32 @@ Templates come from ``allenai/molmo`` ``olmo/data/data_formatter.py`` as summari
 'clocks: What time is being shown?'
 >>> caption_prompt()
 'long_caption 65:'
+
+Molmo2 (``family="molmo2"``; ``molmo2.md`` §1.4-1.5, the Molmo2 model cards):
+
+* pointing and counting use the same templates (the model cards ask ``"Point to the boats"``); Molmo2
+  answers with ``<points coords="1 1 073 160 ...">`` on a 0-1000 scale and counts by pointing
+  (``"Counting the <points ...> shows a total of N."`` or ``"There are N <points ...>."``);
+  several images are numbered by the chat template (``"Image 1<|image|>Image 2<|image|>"``), so the same
+  prompt covers a multi-image request and each point names its image;
+* Molmo2 has no captioner format and no trained length hint: captions are asked inside the chat
+  template with the style written as Molmo2's template writes a ``style`` (``"long_caption: Describe this
+  image."``);
+* clocks: no Molmo2 clock prompt is documented; we ask the plain question and name the answer format
+  (``"What time is being shown? Answer with the time as H:MM."``).
+
+>>> point_prompt("the boats", family="molmo2")
+'Point to the boats'
+>>> caption_prompt("long_caption", 65, family="molmo2")
+'long_caption: Describe this image.'
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "FAMILIES",
+    "family_of",
+    "check_family",
     "CAPTION_STYLES",
     "DEFAULT_CAPTION_LENGTH_HINT",
     "CHARS_PER_LENGTH_UNIT",
@@ -36,6 +57,8 @@ __all__ = [
     "count_prompt",
     "clock_prompt",
     "caption_prompt",
+    "chat_caption_prompt",
+    "MOLMO2_CLOCK_PROMPT",
     "length_hint_for",
     "ask_prompt",
 ]
@@ -54,6 +77,39 @@ CHARS_PER_LENGTH_UNIT: int = 15
 #: One of the prefixes trained for "count without pointing" questions (§7.2).
 NO_POINT_PREFIX: str = "No pointing: "
 
+#: Model families: Molmo v1 ("molmo", `molmo_core.MolmoRunner`) and Molmo2 ("molmo2", `Molmo2Runner`).
+FAMILIES: tuple[str, ...] = ("molmo", "molmo2")
+
+#: Molmo2's clock question (our choice: no Molmo2 clock prompt is documented).
+MOLMO2_CLOCK_PROMPT: str = "What time is being shown? Answer with the time as H:MM."
+
+
+def check_family(family: str) -> str:
+    """``family`` if it is one of :data:`FAMILIES` (``"v1"`` is accepted for ``"molmo"``).
+
+    Raises:
+        ValueError: an unknown family.
+
+    >>> check_family("v1"), check_family("molmo2")
+    ('molmo', 'molmo2')
+    """
+    family = "molmo" if family == "v1" else family
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown model family {family!r}; expected one of {list(FAMILIES)}.")
+    return family
+
+
+def family_of(runner: object) -> str:
+    """The family of a loaded runner: its ``family`` attribute ("molmo" or "molmo2"); "molmo" when it has
+    none (stand-ins written for Molmo v1).
+
+    >>> class R: family = "molmo2"
+    >>> family_of(R()), family_of(object())
+    ('molmo2', 'molmo')
+    """
+    family = getattr(runner, "family", None)
+    return check_family(family) if isinstance(family, str) else "molmo"
+
 
 def _clean(value: object, what: str, example: str, *, collapse: bool = True) -> str:
     """Strip ``value`` and reject non-strings and blank text with a helpful message."""
@@ -71,12 +127,14 @@ def _clean(value: object, what: str, example: str, *, collapse: bool = True) -> 
     return text
 
 
-def point_prompt(phrase: str) -> str:
+def point_prompt(phrase: str, *, family: str = "molmo") -> str:
     """Prompt asking the model to point at ``phrase``.
 
     Args:
         phrase: what to point at, e.g. ``"the dogs"``; surrounding and repeated
             whitespace is collapsed.
+        family: "molmo" or "molmo2": the same template for both (the Molmo2 model
+            cards ask "Point to the boats").
 
     Returns:
         ``"Point to {phrase}"`` (the PixMo-Points template, no trailing period).
@@ -88,10 +146,11 @@ def point_prompt(phrase: str) -> str:
     >>> point_prompt("  the   dogs ")
     'Point to the dogs'
     """
+    check_family(family)
     return f"Point to {_clean(phrase, 'The phrase to point at', 'the dogs')}"
 
 
-def count_prompt(phrase: str, *, point: bool = True) -> str:
+def count_prompt(phrase: str, *, point: bool = True, family: str = "molmo") -> str:
     """Prompt asking the model to count ``phrase``.
 
     With ``point=True`` (default) this is the ``point_count`` template; the fine-tuned
@@ -102,6 +161,8 @@ def count_prompt(phrase: str, *, point: bool = True) -> str:
     Args:
         phrase: plural noun phrase, e.g. ``"coins"``.
         point: whether the model should point before counting.
+        family: "molmo" or "molmo2". Molmo2 counts by pointing with the same question; it
+            has no trained "No pointing: " prefix, so ``point=False`` asks the plain question.
 
     Returns:
         ``"How many {phrase} are there?"``, optionally prefixed with ``"No pointing: "``.
@@ -115,19 +176,25 @@ def count_prompt(phrase: str, *, point: bool = True) -> str:
     >>> count_prompt("coins", point=False)
     'No pointing: How many coins are there?'
     """
+    family = check_family(family)
     question = f"How many {_clean(phrase, 'The phrase to count', 'coins')} are there?"
-    return question if point else NO_POINT_PREFIX + question
+    return question if point or family == "molmo2" else NO_POINT_PREFIX + question
 
 
-def clock_prompt() -> str:
-    """The ClockBench prompt with its ``clocks`` style prefix (``molmo_v1.md`` §7.3).
+def clock_prompt(*, family: str = "molmo") -> str:
+    """The ClockBench prompt with its ``clocks`` style prefix (``molmo_v1.md`` §7.3); for Molmo2
+    :data:`MOLMO2_CLOCK_PROMPT`.
 
     The answer is expected as ``H:MM`` (sometimes ``H:MM:SS``); parse it with
     :func:`molmo_core.outputs.parse_clock`.
 
     >>> clock_prompt()
     'clocks: What time is being shown?'
+    >>> clock_prompt(family="molmo2")
+    'What time is being shown? Answer with the time as H:MM.'
     """
+    if check_family(family) == "molmo2":
+        return MOLMO2_CLOCK_PROMPT
     return "clocks: What time is being shown?"
 
 
@@ -170,7 +237,7 @@ def length_hint_for(text_or_chars: str | int) -> int:
 
 
 def caption_prompt(
-    style: str = "long_caption", length_hint: int | None = DEFAULT_CAPTION_LENGTH_HINT
+    style: str = "long_caption", length_hint: int | None = DEFAULT_CAPTION_LENGTH_HINT, *, family: str = "molmo"
 ) -> str:
     """Length-hinted caption prompt in the PixMo-Cap captioner format (§8.1).
 
@@ -188,9 +255,14 @@ def caption_prompt(
             raw description). ``"long caption"`` (with a space) is accepted as well.
         length_hint: target length in 15-character units (see :func:`length_hint_for`);
             default 65, the captioner's inference value; ``None`` for no hint.
+        family: "molmo", or "molmo2": Molmo2 has no captioner format, so the prompt is a chat
+            question with the style written as its chat template writes a style
+            (``"long_caption: Describe this image."``), to send inside the chat template;
+            the length hint is not part of it (it only sizes the answer budget).
 
     Returns:
-        e.g. ``"long_caption 65:"``, ``"transcript 40:"``, ``"long_caption :"``.
+        e.g. ``"long_caption 65:"``, ``"transcript 40:"``, ``"long_caption :"``;
+        Molmo2: ``"long_caption: Describe this image."``.
 
     Raises:
         ValueError: unknown style or a negative hint.
@@ -199,13 +271,18 @@ def caption_prompt(
     'transcript 40:'
     >>> caption_prompt("long caption", None)
     'long_caption :'
+    >>> caption_prompt("transcript", 40, family="molmo2")
+    'transcript: Describe this image.'
     """
+    family = check_family(family)
     key = "_".join(str(style).strip().lower().split())
     if key not in CAPTION_STYLES:
         raise ValueError(
             f"Unknown caption style {style!r}; expected one of {list(CAPTION_STYLES)} "
             "('long caption' is also accepted)."
         )
+    if family == "molmo2":
+        return chat_caption_prompt(key)
     if length_hint is None:
         return f"{key} :"
     if isinstance(length_hint, bool) or not isinstance(length_hint, int):
@@ -219,6 +296,25 @@ def caption_prompt(
             f"(the default {DEFAULT_CAPTION_LENGTH_HINT} is about 975 characters)."
         )
     return f"{key} {length_hint}:"
+
+
+def chat_caption_prompt(style: str = "long_caption") -> str:
+    """A caption question for chat models: ``"{style}: Describe this image."`` (the released Molmo v1 chat
+    models, and every Molmo2 caption).
+
+    Raises:
+        ValueError: unknown style.
+
+    >>> chat_caption_prompt("long caption")
+    'long_caption: Describe this image.'
+    """
+    key = "_".join(str(style).strip().lower().split())
+    if key not in CAPTION_STYLES:
+        raise ValueError(
+            f"Unknown caption style {style!r}; expected one of {list(CAPTION_STYLES)} "
+            "('long caption' is also accepted)."
+        )
+    return f"{key}: Describe this image."
 
 
 def ask_prompt(question: str) -> str:
