@@ -25,11 +25,11 @@ from annotate.asr import AsrError, AsrModelMissing
 from annotate.audio import AudioDecodeError, AudioDeviceError
 from annotate.store import StoreError
 from molmo_core.errors import CheckpointError, ModelUnloadedError, MolmoInputError
-from molmo_core.outputs import Point, parse_points, strip_tags
+from molmo_core.outputs import Point, strip_tags
 
 from .paths import PathRefused, Roots
 from .render import draw_clock_face, draw_count_badge, draw_points
-from .service import MolmoService, NoModelError, ServiceBusyError, prepare_image
+from .service import MolmoService, NoModelError, ServiceBusyError, answer_points, prepare_image
 from .tempfiles import new_temp_file
 
 log = logging.getLogger("molmo_studio")
@@ -42,6 +42,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     PathRefused,  # a path outside the allowed folders
 )
 POINT_TABLE_HEADERS = ["#", "label", "x (px)", "y (px)"]
+MULTI_TABLE_HEADERS = ["image", "#", "label", "x (px)", "y (px)"]
 QUANTIZE_LABELS = {"none (bf16 on GPU, fp32 on CPU)": None, "8bit": "8bit", "4bit": "4bit"}
 
 
@@ -103,6 +104,33 @@ def points_from_json(result: dict | None) -> list[Point]:
 
 def points_table(points: Sequence[Point]) -> list[list]:
     return [[p.index, p.label, round(p.x, 1), round(p.y, 1)] for p in points]
+
+
+def multi_points_table(result: dict) -> list[list]:
+    """A multi-image result -> rows [image, #, label, x, y] (image 1-based)."""
+    return [[im["image"], p["index"], p.get("label", ""), round(float(p["x"]), 1), round(float(p["y"]), 1)]
+            for im in result.get("images", []) for p in im.get("points", [])]
+
+
+def file_paths(files: Any) -> list[str]:
+    """Uploaded files (a gr.File with file_count="multiple", or a gallery) -> their paths, in order.
+
+    Accepts paths, {"path": ...} / FileData objects with `.path`, and gallery (path, caption) pairs."""
+    if files is None:
+        return []
+    if isinstance(files, (str, Path)) or isinstance(files, dict) or hasattr(files, "path"):
+        files = [files]
+    out = []
+    for f in files:
+        if isinstance(f, (tuple, list)) and f:
+            f = f[0]
+        if isinstance(f, dict):
+            f = f.get("path") or f.get("name")
+        elif hasattr(f, "path"):
+            f = f.path
+        if f:
+            out.append(str(f))
+    return out
 
 
 def count_markdown(n: int | None, phrase: str = "") -> str:
@@ -220,6 +248,46 @@ class Handlers:
         return (image_out, count_markdown(n, result.get("phrase", "")), points_table(points),
                 write_json(result, result.get("task", "points")))
 
+    # ------------------------------------------------------------------ several images (Molmo2)
+
+    @user_errors("pointing")
+    def point_multi(self, files: Any, phrase: str) -> tuple[str, dict]:
+        """One question over all uploaded images -> (answer, parsed result with points per image)."""
+        result = self.service.point_multi(file_paths(files), phrase)
+        return result.answer, result.to_json()
+
+    @user_errors("counting")
+    def count_multi(self, files: Any, phrase: str) -> tuple[str, dict]:
+        result = self.service.count_multi(file_paths(files), phrase)
+        return result.answer, result.to_json()
+
+    @user_errors("drawing the points")
+    def render_points_multi(self, files: Any, result: dict | None) -> tuple[list, str, list[list], str]:
+        """(images, multi-image result) -> one overlay per image for a gallery (with captions), the count
+        text, a points table with an image column, and the JSON file to download."""
+        if not result or not result.get("multi"):
+            raise _error("Nothing to draw yet: press Point in all images or Count over all images first.")
+        paths = file_paths(files)
+        images = result.get("images", [])
+        if len(paths) != len(images):
+            raise _error(f"The images changed since the answer ({len(images)} answered, {len(paths)} now); "
+                         "ask again.")
+        phrase = result.get("phrase", "")
+        gallery = []
+        for path, im in zip(paths, images):
+            points = points_from_json(im)
+            gallery.append((overlay(path, points, len(points)),
+                            f"Image {im['image']}: {len(points)} point{'s' if len(points) != 1 else ''}"))
+        total = result.get("count")
+        text = count_markdown(total, phrase)
+        if result.get("task") == "count" and total is not None:
+            n_points = sum(len(im.get("points", [])) for im in images)
+            if n_points != total:
+                text += f"  \n({n_points} points drawn)"
+        if result.get("unplaced"):
+            text += f"  \n{result['unplaced']} point(s) named an image that was not given; not drawn."
+        return gallery, text, multi_points_table(result), write_json(result, f"{result.get('task', 'points')}_multi")
+
     # ------------------------------------------------------------------ clock
 
     @user_errors("reading the clock")
@@ -259,7 +327,7 @@ class Handlers:
         points = []
         if image is not None:
             rgb = prepare_image(image)
-            points = parse_points(text, rgb.shape[1], rgb.shape[0])
+            points = answer_points(text, rgb.shape[1], rgb.shape[0], self.service.family or "molmo")
         result = {"task": "ask", "partial": False, "answer": text, "turn": len(new_history),
                   "points": [{"index": p.index, "x": round(p.x, 1), "y": round(p.y, 1), "label": p.label}
                              for p in points]}

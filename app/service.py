@@ -1,8 +1,15 @@
 """`MolmoService`: the one object that owns the loaded model, shared by every UI user.
 
 The UI never touches tensors: it calls the task methods here (`point`, `count`, `read_clock`,
-`caption`, `ask_stream`) and gets small dataclasses back (raw answer text + parsed results in
-pixels). Loading runs in a background thread whose progress any caller can read with `status()`.
+`caption`, `ask_stream`, and for several images at once `point_multi` / `count_multi`) and gets small
+dataclasses back (raw answer text + parsed results in pixels). Loading runs in a background thread whose
+progress any caller can read with `status()`.
+
+Families: `molmo_core.load` returns a Molmo v1 or a Molmo2 runner (the checkpoint's config.json decides);
+the service asks each in its own prompts (`molmo_core.prompts`, chosen by `runner.family`) and reads its
+answers in its own point format (v1: 0-100 percent; Molmo2: `<points coords=...>`, 0-1000, per image), so
+results come back in pixels either way. Several images in one question are Molmo2's; a v1 model refuses
+them with a message.
 
 Concurrency: the runner is thread-safe (its scheduler groups concurrent requests into batches); the
 service only guards which runner is current. A model switch frees the old runner before loading the
@@ -20,7 +27,8 @@ import numpy as np
 
 import molmo_core
 from molmo_core.errors import CheckpointError, MolmoInputError
-from molmo_core.outputs import ClockTime, Point, parse_clock, parse_count, parse_points
+from molmo_core.outputs import (ClockTime, Point, parse_any_points, parse_clock, parse_count, parse_molmo2_count,
+                                parse_points)
 from molmo_core.preprocessing import MAX_IMAGE_PIXELS, load_image
 from molmo_core import prompts
 
@@ -28,8 +36,14 @@ ProgressFn = Callable[[float, str], None]
 Loader = Callable[..., Any]  # molmo_core.load's signature
 
 NO_MODEL_MESSAGE = ("No model loaded: choose a checkpoint in the Model panel (a hub id such as "
-                    "allenai/Molmo-7B-D-0924 or a local folder) and press Load.")
+                    "allenai/Molmo-7B-D-0924 or allenai/Molmo2-4B, or a local folder) and press Load.")
 QUANTIZE_CHOICES = (None, "8bit", "4bit")
+FAMILY_NAMES = {"molmo": "Molmo v1", "molmo2": "Molmo2"}
+#: Images per multi-image question (the official Molmo2 demo allows 6).
+MAX_IMAGES = 6
+ONE_IMAGE_MESSAGE = ("{name} is a Molmo v1 model, which takes one image per question; {n} images were given. "
+                     "Keep one image, or load a Molmo2 model (e.g. allenai/Molmo2-4B) to ask about several "
+                     "images at once.")
 
 
 class NoModelError(RuntimeError):
@@ -45,6 +59,27 @@ class ServiceBusyError(RuntimeError):
 
 def _points_json(points: Sequence[Point]) -> list[dict]:
     return [{"index": p.index, "x": round(p.x, 1), "y": round(p.y, 1), "label": p.label} for p in points]
+
+
+def answer_points(text: str, width: int, height: int, family: str = "molmo", *,
+                  image: int | None = None) -> list[Point]:
+    """Points of an answer in pixels of a `width` x `height` image, read in the family's format.
+
+    Molmo v1: `parse_points` (0-100 percent). Molmo2: `parse_any_points(family="molmo2")` (0-1000), keeping
+    only the points of the 1-based `image` when given (a multi-image answer); a Molmo2 answer written in the
+    v1 forms is read as v1 (AI2's Molmo2 extractors fall back the same way).
+    """
+    if family != "molmo2":
+        return parse_points(text, width, height)
+    if image in (None, 1):  # the v1 forms carry no image index: they belong to the first image
+        return parse_any_points(text, width, height, family="auto", frame=image)
+    return parse_any_points(text, width, height, family="molmo2", frame=image)
+
+
+def answer_count(text: str, family: str = "molmo") -> int | None:
+    """The stated count: `parse_count` (v1) or `parse_molmo2_count` (Molmo2: a stated number, else the
+    number of points)."""
+    return parse_molmo2_count(text) if family == "molmo2" else parse_count(text)
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,44 @@ class CountResult:
     def to_json(self) -> dict:
         return {"task": "count", "phrase": self.phrase, "image_size": [self.width, self.height],
                 "count": self.count, "points": _points_json(self.points), "answer": self.answer}
+
+
+@dataclass(frozen=True)
+class ImagePoints:
+    """The points of one image of a multi-image answer (pixels of that image)."""
+
+    points: list[Point]
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class MultiPointResult:
+    """One question over several images (Molmo2): the answer, its count, and the points per image.
+
+    `task` is "point" or "count"; `count` is the stated count of a counting answer (None for pointing);
+    `unplaced` counts points whose image index names no given image (they are not drawn).
+    """
+
+    task: str
+    answer: str
+    phrase: str
+    count: int | None
+    images: list[ImagePoints]
+    family: str = "molmo2"
+    unplaced: int = 0
+
+    @property
+    def points(self) -> list[tuple[int, Point]]:
+        """(1-based image index, point) over all images."""
+        return [(i, p) for i, im in enumerate(self.images, start=1) for p in im.points]
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "multi": True, "family": self.family, "phrase": self.phrase,
+                "count": self.count if self.task == "count" else len(self.points),
+                "images": [{"image": i, "image_size": [im.width, im.height], "count": len(im.points),
+                            "points": _points_json(im.points)} for i, im in enumerate(self.images, start=1)],
+                "unplaced": self.unplaced, "answer": self.answer}
 
 
 @dataclass(frozen=True)
@@ -142,6 +215,7 @@ class ServiceStatus:
     device_memory_used: int | None = None
     device_memory_total: int | None = None
     loads: int = 0
+    family: str | None = None  # "molmo" (Molmo v1) or "molmo2"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -153,7 +227,8 @@ class ServiceStatus:
             if self.load.phase == "error":
                 return f"**Model failed to load** (`{self.load.source}`): {self.load.error}"
             return f"**No model loaded.** {self.load.message}"
-        lines = [f"**Model:** `{self.name}`",
+        family = FAMILY_NAMES.get(self.family or "", self.family)
+        lines = [f"**Model:** `{self.name}`" + (f" · **Family:** {family}" if family else ""),
                  f"**Device:** {self.device} · **Precision:** {self.precision}"
                  + (f" · **Quantization:** {self.quantization}" if self.quantization else "")
                  + f" · **Max crops:** {self.max_crops}",
@@ -340,7 +415,14 @@ class MolmoService:
         quant = getattr(runner, "quantize", None)
         return ServiceStatus(True, state, name=runner.name, device=str(runner.device), precision=precision,
                              quantization=quant, max_crops=max_crops, param_bytes=runner.memory_bytes(),
-                             device_memory_used=used, device_memory_total=total, loads=loads)
+                             device_memory_used=used, device_memory_total=total, loads=loads,
+                             family=prompts.family_of(runner))
+
+    @property
+    def family(self) -> str | None:
+        """The loaded model's family ("molmo" or "molmo2"), None when nothing is loaded."""
+        runner = self._runner
+        return prompts.family_of(runner) if runner is not None else None
 
     def _require_runner(self) -> Any:
         with self._lock:
@@ -364,25 +446,69 @@ class MolmoService:
             MolmoInputError: no/unreadable/huge image or an empty phrase. NoModelError: nothing loaded.
         """
         runner = self._require_runner()
-        prompt = _prompt(prompts.point_prompt, phrase)
+        family = prompts.family_of(runner)
+        prompt = _prompt(prompts.point_prompt, phrase, family=family)
         rgb = prepare_image(image)
         text = runner.generate(rgb, prompt, max_new_tokens=self.limits.point)
         h, w = rgb.shape[:2]
-        return PointResult(text, " ".join(phrase.split()), parse_points(text, w, h), w, h)
+        return PointResult(text, " ".join(phrase.split()), answer_points(text, w, h, family), w, h)
 
     def count(self, image: Any, phrase: str) -> CountResult:
         """Count by pointing (the paper's point-then-count answer); the count plus the points."""
         runner = self._require_runner()
-        prompt = _prompt(prompts.count_prompt, phrase)
+        family = prompts.family_of(runner)
+        prompt = _prompt(prompts.count_prompt, phrase, family=family)
         rgb = prepare_image(image)
         text = runner.generate(rgb, prompt, max_new_tokens=self.limits.count)
         h, w = rgb.shape[:2]
-        return CountResult(text, " ".join(phrase.split()), parse_count(text), parse_points(text, w, h), w, h)
+        return CountResult(text, " ".join(phrase.split()), answer_count(text, family),
+                           answer_points(text, w, h, family), w, h)
+
+    def point_multi(self, images: Sequence[Any], phrase: str) -> MultiPointResult:
+        """Point at `phrase` in several images with one question (Molmo2); points per image, in its pixels.
+
+        One image works with either family. Raises MolmoInputError for no image, more than MAX_IMAGES, or
+        several images with a Molmo v1 model (it takes one image per question)."""
+        return self._multi("point", images, phrase)
+
+    def count_multi(self, images: Sequence[Any], phrase: str) -> MultiPointResult:
+        """Count `phrase` over several images with one question (Molmo2): the stated total and the points of
+        each image."""
+        return self._multi("count", images, phrase)
+
+    def _multi(self, task: str, images: Sequence[Any], phrase: str) -> MultiPointResult:
+        runner = self._require_runner()
+        family = prompts.family_of(runner)
+        images = [im for im in (images or []) if im is not None]
+        if not images:
+            raise MolmoInputError("No image: upload one or more photos (JPEG, PNG or WebP) first.")
+        if len(images) > 1 and family != "molmo2":
+            raise MolmoInputError(ONE_IMAGE_MESSAGE.format(name=getattr(runner, "name", "This model"),
+                                                           n=len(images)))
+        if len(images) > MAX_IMAGES:
+            raise MolmoInputError(f"{len(images)} images were given; ask about at most {MAX_IMAGES} at once.")
+        builder = prompts.point_prompt if task == "point" else prompts.count_prompt
+        prompt = _prompt(builder, phrase, family=family)
+        rgbs = [prepare_image(im) for im in images]
+        limit = self.limits.point if task == "point" else self.limits.count
+        text = runner.generate(rgbs if len(rgbs) > 1 else rgbs[0], prompt, max_new_tokens=limit)
+        per_image = []
+        for i, rgb in enumerate(rgbs, start=1):
+            h, w = rgb.shape[:2]
+            per_image.append(ImagePoints(answer_points(text, w, h, family, image=i if len(rgbs) > 1 else None),
+                                         w, h))
+        unplaced = 0
+        if family == "molmo2" and len(rgbs) > 1:
+            h, w = rgbs[0].shape[:2]
+            unplaced = len(answer_points(text, w, h, family)) - sum(len(im.points) for im in per_image)
+        count = answer_count(text, family) if task == "count" else None
+        return MultiPointResult(task, text, " ".join(phrase.split()), count, per_image, family, max(0, unplaced))
 
     def read_clock(self, image: Any) -> ClockResult:
         runner = self._require_runner()
         rgb = prepare_image(image)
-        text = runner.generate(rgb, prompts.clock_prompt(), max_new_tokens=self.limits.clock)
+        text = runner.generate(rgb, prompts.clock_prompt(family=prompts.family_of(runner)),
+                               max_new_tokens=self.limits.clock)
         return ClockResult(text, parse_clock(text))
 
     def caption(self, image: Any, style: str = "long_caption", length_hint: int | None = 65,
@@ -393,6 +519,8 @@ class MolmoService:
         User/Assistant wrapper), which honours the length hint and is what our fine-tunes learn.
         `chat_format=True` asks the released chat models instead ("long_caption: Describe this
         image." inside the usual wrapper; the length hint is then not part of the prompt).
+        A Molmo2 model has no captioner format: it is always asked the chat way (the length hint only
+        sizes the answer budget).
         """
         if length_hint is not None:
             length_hint = int(length_hint)
@@ -400,7 +528,10 @@ class MolmoService:
         runner = self._require_runner()
         rgb = prepare_image(image)
         max_new = self.limits.caption(length_hint)
-        if chat_format:
+        if prompts.family_of(runner) == "molmo2":
+            prompt = _prompt(prompts.caption_prompt, style, length_hint, family="molmo2")
+            text = runner.generate(rgb, prompt, max_new_tokens=max_new)
+        elif chat_format:
             prompt = _prompt(prompts.ask_prompt, f"{style_key}: Describe this image.")
             text = runner.generate(rgb, prompt, max_new_tokens=max_new)
         else:
@@ -426,7 +557,7 @@ class MolmoService:
         for text in self.ask_stream(image, question, history):
             pass
         size = prepare_image(image).shape[:2] if image is not None else None
-        points = parse_points(text, size[1], size[0]) if size else []
+        points = answer_points(text, size[1], size[0], self.family or "molmo") if size else []
         return AskResult(text.strip(), points, size[1] if size else None, size[0] if size else None)
 
 
@@ -453,5 +584,6 @@ def _stream_captioner(runner: Any, rgb: np.ndarray, caption_text: str, max_new_t
 __all__ = [
     "MolmoService", "NoModelError", "ServiceBusyError", "PointResult", "CountResult", "ClockResult",
     "CaptionResult", "AskResult", "LoadState", "ServiceStatus", "TaskLimits", "prepare_image",
-    "NO_MODEL_MESSAGE",
+    "NO_MODEL_MESSAGE", "MultiPointResult", "ImagePoints", "answer_points", "answer_count", "MAX_IMAGES",
+    "ONE_IMAGE_MESSAGE",
 ]

@@ -3,6 +3,8 @@
 Tabs: Model, Point & Count, Clock, Ask, Caption, and (when their modules import) Annotate, Train and Eval.
 Every event has an `api_name`, so `gradio_client` can drive the app:
 `/point`, `/count`, `/read_clock`, `/ask`, `/caption` (image + text -> answer text + parsed JSON),
+`/ask_point_multi`, `/ask_count_multi` (several images + text, Molmo2 -> answer + points per image) and
+`/render_point_multi`, `/render_count_multi` (one overlay per image, table with an image column),
 `/load_model`, `/status`; the Eval tab's `/eval_start`, `/eval_status`, `/eval_stop`, `/eval_example`,
 `/eval_prev`, `/eval_next`.
 """
@@ -21,7 +23,7 @@ from .admin_tab import create_admin_tab
 from .annotate_tab import create_annotate_tab
 from .crops import MAX_CROPS_DEFAULT, MAX_CROPS_MAX, MAX_CROPS_MIN
 from .eval_tab import create_eval_tab
-from .handlers import POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
+from .handlers import MULTI_TABLE_HEADERS, POINT_TABLE_HEADERS, QUANTIZE_LABELS, Handlers
 from .paths import Roots
 from .review_tab import create_review_tab
 from .service import MolmoService
@@ -37,7 +39,11 @@ TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train", "ev
 TAB_RULES = {"model": ADMIN, "point": TASKS, "clock": TASKS, "ask": TASKS, "caption": TASKS,
              "annotate": ANNOTATOR, "train": ADMIN, "eval": ADMIN, "review": ADMIN, "admin": ADMIN}
 HUB_CHOICES = ["allenai/Molmo-7B-D-0924", "allenai/Molmo-7B-O-0924", "allenai/MolmoE-1B-0924",
-               "allenai/Molmo-72B-0924"]
+               "allenai/Molmo-72B-0924", "allenai/Molmo2-4B", "allenai/Molmo2-8B", "allenai/Molmo2-O-7B"]
+# The multi-image events (model step, drawing step) per task. "point_multi" / "count_multi" would need their
+# own entries in app.access.POLICY (it lists "point" and "count" as exact names); "ask*" and "render_*" are
+# task rules already.
+MULTI_EVENTS = {"point": ("ask_point_multi", "render_point_multi"), "count": ("ask_count_multi", "render_count_multi")}
 # Browsers give a page the microphone only in a secure context (HTTPS, or a loopback address): say so
 # in the Annotate tab instead of a Record button that silently does nothing.
 INSECURE_MIC_HTML = """<div id="insecure-mic" style="display:none; padding:0.8em; border:2px solid #c0392b;
@@ -138,8 +144,8 @@ def _rendered_clocks(n: int = 3) -> list[str]:
 
 
 def _model_tab(h: Handlers) -> list[gr.components.Component]:
-    gr.Markdown("Load a Molmo v1 checkpoint: a hub id or a local folder in the official format. "
-                "Loading another model frees the current one first.")
+    gr.Markdown("Load a Molmo v1 or Molmo2 checkpoint: a hub id or a local folder (the family is read from its "
+                "config.json). Loading another model frees the current one first.")
     with gr.Row():
         with gr.Column(scale=3):
             source = gr.Dropdown(HUB_CHOICES, value=_model_source(h.service), allow_custom_value=True, label="Checkpoint (hub id or local folder)",
@@ -197,6 +203,38 @@ def _point_tab(h: Handlers, examples: list[list[str]]) -> None:
                        api_visibility="undocumented")
     ev.success(h.render_points, [image, result], render_outputs, api_name="render_point_submit",
                api_visibility="undocumented")
+    _multi_image(h, phrase)
+
+
+def _multi_image(h: Handlers, phrase: gr.Textbox) -> None:
+    """Several images with one question (Molmo2): points drawn on each image, a table with an image column.
+    A Molmo v1 model takes one image per question and says so."""
+    with gr.Accordion("Several images at once (Molmo2)", open=False, elem_id="pc_multi"):
+        gr.Markdown("Upload up to 6 images: Molmo2 answers one question over all of them and says which image "
+                    "each point is in. The phrase above is the question. A Molmo v1 model takes one image.")
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(label="Images", file_count="multiple", file_types=["image"], type="filepath",
+                                elem_id="pc_multi_images")
+                with gr.Row():
+                    point_btn = gr.Button("Point in all images", variant="primary", elem_id="pc_multi_point")
+                    count_btn = gr.Button("Count over all images", variant="primary", elem_id="pc_multi_count")
+            with gr.Column():
+                gallery = gr.Gallery(label="Points per image", columns=3, height=420, interactive=False,
+                                     format="png", elem_id="pc_multi_gallery")
+                badge = gr.Markdown("", elem_id="pc_multi_badge")
+                answer = gr.Textbox(label="Model answer (raw)", interactive=False, lines=2, elem_id="pc_multi_answer")
+        with gr.Row():
+            table = gr.Dataframe(headers=MULTI_TABLE_HEADERS, datatype=["number", "number", "str", "number", "number"],
+                                 label="Points in pixels of each image", interactive=False, elem_id="pc_multi_table")
+            with gr.Column():
+                download = gr.File(label="Download points (JSON)", interactive=False, elem_id="pc_multi_download")
+                with gr.Accordion("Parsed result (JSON)", open=False):
+                    result = gr.JSON(elem_id="pc_multi_json")
+    for btn, fn, task in ((point_btn, h.point_multi, "point"), (count_btn, h.count_multi, "count")):
+        ask_name, render_name = MULTI_EVENTS[task]
+        ev = btn.click(fn, [files, phrase], [answer, result], api_name=ask_name)
+        ev.success(h.render_points_multi, [files, result], [gallery, badge, table, download], api_name=render_name)
 
 
 def _clock_tab(h: Handlers, examples: list[str]) -> None:
