@@ -10,7 +10,8 @@ score) and offers report.html and report.json for download.
 
 The evaluation itself is `molmo_core.eval` (the same data loaders, scoring and report as
 `launch.py --eval`); this module only adapts it to the app: path confinement, the loaded runner, progress
-per batch, stopping between batches. Every event has an `api_name` starting with `eval_`:
+per batch, stopping between batches. Molmo v1 and Molmo2 models are evaluated alike: each is asked in its
+family's prompts and its answers are read in its family's format (`molmo_core.eval.formats`). Every event has an `api_name` starting with `eval_`:
 `/eval_start`, `/eval_status`, `/eval_stop`, `/eval_example`, `/eval_prev`, `/eval_next`.
 """
 
@@ -33,7 +34,8 @@ import pandas as pd
 
 from molmo_core.eval.cli import EvalError
 from molmo_core.eval.data import TASKS, Dataset, EvalDataError, load_dataset
-from molmo_core.eval.formats import get_format
+from molmo_core.eval.formats import format_for_family, get_count_parser, get_format
+from molmo_core.prompts import family_of
 from molmo_core.eval.metrics import CountScore
 from molmo_core.eval.report import (COUNT_NOTE, MALFORMED_NOTE, RULE_NOTES, draw_overlay, report_dict, write_html,
                                     write_json)
@@ -51,7 +53,7 @@ DATA_DIRS_ENV = "MOLMO_STUDIO_DATA_DIRS"  # extra folders the tab may read data 
 MAX_MODELS = 3
 MAX_SYNTHETIC = 5000
 BATCH_SIZE = 8
-ANSWER_FORMAT = "molmo_v1"
+ANSWER_FORMAT = "molmo_v1"  # what a runner without a `family` writes; Molmo2 runners' answers are read as molmo2
 KEEP_JOBS = 8  # finished jobs kept in memory for browsing (their files stay on disk)
 DATA_KINDS = [("synthetic shapes (point / count)", "shapes"), ("synthetic clocks (clock)", "clocks"),
               ("file or folder", "file")]
@@ -234,6 +236,7 @@ class _Batched:
 
     def __init__(self, runner: Any):
         self.runner = runner
+        self.family = family_of(runner)  # the prompts follow the runner's family
 
     def generate_batch(self, requests, *, max_new_tokens: int) -> list[str]:
         batch = getattr(self.runner, "generate_batch", None)
@@ -423,6 +426,7 @@ class EvalManager:
         path = job.out / "predictions.jsonl"
         limit = getattr(self.service.limits, job.task, None)
         done: dict[tuple[str, int], str] = {}
+        formats: dict[str, str] = {}
         for i, (choice, name) in enumerate(zip(job.models, job.names)):
             if job.stop.is_set():
                 break
@@ -431,6 +435,7 @@ class EvalManager:
             try:
                 job.phase, job.message = "generating", f"Answering with {name}."
                 batched = _Batched(runner)
+                formats[name] = format_for_family(batched.family)
                 for start in range(0, len(dataset), self.batch_size):
                     if job.stop.is_set():
                         break
@@ -446,9 +451,12 @@ class EvalManager:
             job.message = "Stopped; answers so far are in predictions.jsonl (no report)."
             return
         job.phase, job.message = "scoring", "Scoring and writing the report."
-        parse = get_format(ANSWER_FORMAT)
-        results = [score_model(name, dataset, job.task, {ex.index: done[(name, ex.index)] for ex in dataset.examples},
-                               parse) for name in job.names]
+        results = []
+        for name in job.names:
+            fmt = formats.get(name, ANSWER_FORMAT)
+            results.append(score_model(name, dataset, job.task, {ex.index: done[(name, ex.index)]
+                                                                  for ex in dataset.examples},
+                                       get_format(fmt), get_count_parser(fmt), fmt))
         rules = list(dataset.notes)
         if job.task == "point":
             rules.append(RULE_NOTES[dataset.point_rule])

@@ -94,13 +94,16 @@ class Example:
                     self._size = img.size
         return self._size
 
-    def prompt(self, task: str) -> str:
-        """The question for ``task``: the verbatim instruction, else the trained template."""
+    def prompt(self, task: str, family: str = "molmo") -> str:
+        """The question for ``task``: the verbatim instruction, else the trained template of the model
+        ``family`` ("molmo" for Molmo v1, "molmo2"; `molmo_core.prompts`)."""
         if self.instruction:
             return self.instruction
         if task == "clock":
-            return clock_prompt()
-        return point_prompt(self.label) if task == "point" else count_prompt(self.label)
+            return clock_prompt(family=family)
+        if task == "point":
+            return point_prompt(self.label, family=family)
+        return count_prompt(self.label, family=family)
 
 
 @dataclass

@@ -4,9 +4,19 @@
   height (:func:`molmo_core.outputs.parse_points`).
 * ``molmo2``: ``<points coords="IMG ID X Y ID X Y ...">label</points>``, integers on a 0-1000 scale, frame
   groups separated by ";" or a tab, each group starting with its image index; falls back to the v1 forms
-  (allenai/molmo2 `olmo/preprocessing/point_formatter.py`).
+  (allenai/molmo2 `olmo/preprocessing/point_formatter.py`). Read with the app's parser,
+  :func:`molmo_core.outputs.parse_any_points`, so the evaluation and the app see the same points.
 
-A new format is one function ``(text, width, height) -> list[(x, y)]`` added to :data:`FORMATS`.
+Each format also has a count reader (:data:`COUNT_PARSERS`): v1 answers by AI2's PointCountEval rules
+(:func:`molmo_core.eval.metrics.count_from_text`); Molmo2 answers by :func:`molmo_core.outputs.parse_molmo2_count`
+(a stated number, "There are N <points ...>." included, else the number of points: Molmo2 counts by pointing).
+
+``auto`` is not a format but a choice made per model: a loaded model's ``runner.family`` ("molmo" ->
+``molmo_v1``, "molmo2" -> ``molmo2``, :func:`format_for_family`); saved answers are ``molmo2`` when any of
+them holds a Molmo2 ``coords`` tag, else ``molmo_v1`` (:func:`sniff_format`).
+
+A new format is one function ``(text, width, height) -> list[(x, y)]`` added to :data:`FORMATS` (and a count
+reader in :data:`COUNT_PARSERS`).
 
 >>> molmo2_points('<points coords="1 1 500 250 2 100 900">dogs</points>', 200, 100)
 [(100.0, 25.0), (20.0, 90.0)]
@@ -14,17 +24,17 @@ A new format is one function ``(text, width, height) -> list[(x, y)]`` added to 
 
 from __future__ import annotations
 
-import re
-from typing import Callable
+from typing import Callable, Iterable
 
-from ..outputs import parse_points
+from ..outputs import parse_any_points, parse_molmo2_count, parse_molmo2_points, parse_points
+from .metrics import count_from_text
 
-__all__ = ["PointParser", "FORMATS", "molmo_v1_points", "molmo2_points", "get_format"]
+__all__ = ["PointParser", "CountParser", "FORMATS", "COUNT_PARSERS", "AUTO", "molmo_v1_points", "molmo2_points",
+           "molmo2_count", "get_format", "get_count_parser", "format_for_family", "sniff_format"]
 
 PointParser = Callable[[str, float, float], list[tuple[float, float]]]
-
-_COORDS = re.compile(r'<(?:points?|tracks)\b[^<>]*?\bcoords\s*=\s*"([^"]*)"', re.IGNORECASE)
-_MOLMO2_SCALE = 1000.0
+CountParser = Callable[[str], "int | None"]
+AUTO = "auto"
 
 
 def molmo_v1_points(text: str, width: float, height: float) -> list[tuple[float, float]]:
@@ -37,26 +47,58 @@ def molmo_v1_points(text: str, width: float, height: float) -> list[tuple[float,
 
 
 def molmo2_points(text: str, width: float, height: float) -> list[tuple[float, float]]:
-    """Points of a Molmo2 answer in pixels (0-1000 scale; values above 1000 are dropped); v1 tags too."""
+    """Points of a Molmo2 answer in pixels (0-1000 scale; values above 1000 are dropped), every image index
+    of the answer; an answer without Molmo2 points is read in the v1 forms."""
     if not isinstance(text, str):
         return []
-    groups = [g for m in _COORDS.finditer(text) for g in re.split(r"[;\t]", m.group(1))]
-    if not groups:
-        return molmo_v1_points(text, width, height)
-    points = []
-    for group in groups:
-        values = group.split()[1:]  # the first token is the image index (or a video timestamp)
-        for i in range(0, len(values) - 2, 3):
-            try:
-                x, y = float(values[i + 1]), float(values[i + 2])
-            except ValueError:
-                continue
-            if 0 <= x <= _MOLMO2_SCALE and 0 <= y <= _MOLMO2_SCALE:
-                points.append((x / _MOLMO2_SCALE * width, y / _MOLMO2_SCALE * height))
-    return points
+    return [(p.x, p.y) for p in parse_any_points(text, width, height, family="auto")]
+
+
+def molmo2_count(text: str) -> int | None:
+    """The count of a Molmo2 answer (:func:`molmo_core.outputs.parse_molmo2_count`).
+
+    >>> molmo2_count('There are 2 <points coords="1 1 100 200 2 300 400">cups</points>.')
+    2
+    """
+    return parse_molmo2_count(text)
 
 
 FORMATS: dict[str, PointParser] = {"molmo_v1": molmo_v1_points, "molmo2": molmo2_points}
+COUNT_PARSERS: dict[str, CountParser] = {"molmo_v1": count_from_text, "molmo2": molmo2_count}
+_FAMILY_FORMAT = {"molmo": "molmo_v1", "v1": "molmo_v1", "molmo2": "molmo2"}
+
+
+def format_for_family(family: str) -> str:
+    """The answer format a model family writes.
+
+    >>> format_for_family("molmo"), format_for_family("molmo2")
+    ('molmo_v1', 'molmo2')
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    if family not in _FAMILY_FORMAT:
+        raise ValueError(f"Unknown model family {family!r}; expected 'molmo' (Molmo v1) or 'molmo2'.")
+    return _FAMILY_FORMAT[family]
+
+
+def sniff_format(answers: Iterable[str]) -> str:
+    """``molmo2`` when any answer holds a Molmo2 ``<points coords=...>`` / ``<tracks>`` tag, else ``molmo_v1``.
+
+    >>> sniff_format(["There are none.", '<points coords="1 1 500 500">a</points>'])
+    'molmo2'
+    """
+    return "molmo2" if any(parse_molmo2_points(a) for a in answers) else "molmo_v1"
+
+
+def get_count_parser(name: str) -> CountParser:
+    """The count reader of the answer format ``name``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    get_format(name)
+    return COUNT_PARSERS[name]
 
 
 def get_format(name: str) -> PointParser:

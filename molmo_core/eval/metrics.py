@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -315,8 +315,12 @@ class CountScore:
         return float(self.exact)
 
 
-def score_count(text: str, point_count: int, gt: int) -> CountScore:
+def score_count(text: str, point_count: int, gt: int,
+                count: Callable[[str], int | None] | None = None) -> CountScore:
     """Score a counting answer: the text count against ``gt``, and the number of its points.
+
+    ``count`` reads the count from the text (default :func:`count_from_text`, AI2's v1 rules; Molmo2 answers
+    use :func:`molmo_core.outputs.parse_molmo2_count` through `formats.COUNT_PARSERS`).
 
     >>> s = score_count("There are none.", 0, 0)
     >>> s.exact, s.valid, s.disagree
@@ -324,7 +328,7 @@ def score_count(text: str, point_count: int, gt: int) -> CountScore:
     >>> score_count("I see 4", 3, 3).values()["close"], score_count("4 of them", 4, 4).valid
     (1.0, False)
     """
-    return CountScore(gt=int(gt), text_count=count_from_text(text), point_count=int(point_count))
+    return CountScore(gt=int(gt), text_count=(count or count_from_text)(text), point_count=int(point_count))
 
 
 def count_details(scores: Sequence[CountScore]) -> dict:

@@ -4,7 +4,7 @@ report.json::
 
     {"task", "data", "n", "format", "rules": [...], "bootstrap": {"resamples", "seed", "level"},
      "metrics": {...},                         # the first model's metrics (the only one with one model)
-     "models": [{"name", "metrics", "details"}, ...],
+     "models": [{"name", "format", "metrics", "details"}, ...],
      "comparisons": [{"baseline", "model", "metrics": {KEY: {"difference", "ci95": [low, high] | null}}}],
      "examples": [{"example", "source", "answers": {NAME: TEXT}, "primary": {NAME: SCORE}}]}
 
@@ -12,6 +12,9 @@ report.json::
 ``accuracy`` on Point-Bench data); counting ``accuracy``, ``close``, ``valid``, ``points_accuracy``,
 ``text_points_disagree``, ``mean_per_count_accuracy``; clocks ``hour``, ``minute``, ``minute_close``,
 ``overall_exact``, ``overall_close``; always ``malformed`` (no points / count / time could be read) and ``n``.
+
+``format`` is how the answers were read (``molmo_v1`` or ``molmo2``); each model carries its own (a Molmo v1
+model compared with a Molmo2 model), and the top-level ``format`` is ``mixed`` when they differ.
 """
 
 from __future__ import annotations
@@ -54,9 +57,12 @@ def report_dict(task: str, data_spec: str, models: Sequence[ModelResult], compar
                  "answers": {m.name: m.results[i].answer for m in models},
                  "primary": {m.name: m.results[i].score.primary() for m in models}}
                 for i, r in enumerate(first.results)]
-    return {"task": task, "data": data_spec, "n": len(first.results), "format": answer_format, "rules": rules,
+    formats = [m.answer_format or answer_format for m in models]
+    overall = formats[0] if len(set(formats)) == 1 else "mixed"
+    return {"task": task, "data": data_spec, "n": len(first.results), "format": overall, "rules": rules,
             "bootstrap": BOOTSTRAP, "metrics": first.metrics,
-            "models": [{"name": m.name, "metrics": m.metrics, "details": m.details} for m in models],
+            "models": [{"name": m.name, "format": f, "metrics": m.metrics, "details": m.details}
+                       for m, f in zip(models, formats)],
             "comparisons": comparisons, "examples": examples}
 
 

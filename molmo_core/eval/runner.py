@@ -17,8 +17,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..prompts import family_of
 from .data import Dataset, Example
-from .formats import PointParser
+from .formats import CountParser, PointParser
 from .metrics import (count_details, count_from_text, mean_values, paired_bootstrap, score_clock, score_count,
                       score_point_bench, score_pointing)
 
@@ -81,7 +82,8 @@ def generate_answers(runner, model: str, examples: Sequence[Example], task: str,
     """Generate the answers of ``model`` that ``path`` lacks, ``batch_size`` examples per batched call.
 
     Args:
-        runner: anything with ``generate_batch([(image, prompt), ...], max_new_tokens=...) -> [str]``.
+        runner: anything with ``generate_batch([(image, prompt), ...], max_new_tokens=...) -> [str]``; its
+            ``family`` ("molmo" when it has none, or "molmo2") chooses the prompts.
         model: the name the answers are stored under.
         examples: the examples to answer.
         task: "point", "count" or "clock" (chooses the prompt).
@@ -97,13 +99,15 @@ def generate_answers(runner, model: str, examples: Sequence[Example], task: str,
     from tqdm import tqdm
 
     done = read_done(path) if done is None else done
+    family = family_of(runner)
     todo = [ex for ex in examples if (model, ex.index) not in done]
     limit = max_new_tokens or MAX_NEW_TOKENS[task]
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=model, unit="ex",
                disable=not progress, file=sys.stderr)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        answers = runner.generate_batch([(ex.load_image(), ex.prompt(task)) for ex in batch], max_new_tokens=limit)
+        answers = runner.generate_batch([(ex.load_image(), ex.prompt(task, family)) for ex in batch],
+                                        max_new_tokens=limit)
         append_answers(path, model, [(ex.index, a) for ex, a in zip(batch, answers)])
         done.update({(model, ex.index): a for ex, a in zip(batch, answers)})
         bar.update(len(batch))
@@ -168,12 +172,13 @@ class ExampleResult:
 
 @dataclass
 class ModelResult:
-    """All answers of one model scored."""
+    """All answers of one model scored (``answer_format``: how its answers were read)."""
 
     name: str
     results: list[ExampleResult]
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    answer_format: str = ""
 
     def values(self, key: str) -> np.ndarray:
         return np.array([r.values()[key] for r in self.results])
@@ -182,14 +187,16 @@ class ModelResult:
         return np.array([r.score.primary() for r in self.results])
 
 
-def score_example(ex: Example, answer: str, task: str, dataset: Dataset, parse: PointParser) -> ExampleResult:
-    """Score one answer for ``task`` with the data's rule."""
+def score_example(ex: Example, answer: str, task: str, dataset: Dataset, parse: PointParser,
+                  count: CountParser | None = None) -> ExampleResult:
+    """Score one answer for ``task`` with the data's rule; ``parse`` reads its points, ``count`` its stated
+    count (default AI2's v1 rules)."""
     if task == "clock":
         score = score_clock(answer, *ex.clock, tolerance=dataset.clock_tolerance)
         return ExampleResult(ex, answer, score, np.zeros((0, 2)), score.answerable and score.parsed is None)
     points = np.asarray(parse(answer, *ex.size), np.float64).reshape(-1, 2)
     if task == "count":
-        score = score_count(answer, len(points), ex.count)
+        score = score_count(answer, len(points), ex.count, count)
         return ExampleResult(ex, answer, score, points, not score.valid)
     if dataset.point_rule == "point_bench":
         score = score_point_bench(points, ex.masks[0])
@@ -201,9 +208,13 @@ def score_example(ex: Example, answer: str, task: str, dataset: Dataset, parse: 
     return ExampleResult(ex, answer, score, points, len(points) == 0 and not says_none)
 
 
-def score_model(name: str, dataset: Dataset, task: str, answers: dict[int, str], parse: PointParser) -> ModelResult:
-    """Score every example; ``metrics`` holds per-example means plus ``n``, ``details`` the rest."""
-    results = [score_example(ex, answers[ex.index], task, dataset, parse) for ex in dataset.examples]
+def score_model(name: str, dataset: Dataset, task: str, answers: dict[int, str], parse: PointParser,
+                count: CountParser | None = None, answer_format: str = "") -> ModelResult:
+    """Score every example; ``metrics`` holds per-example means plus ``n``, ``details`` the rest.
+
+    ``parse`` / ``count`` read the answers' points and counts (`formats.FORMATS` / `formats.COUNT_PARSERS` of
+    ``answer_format``, recorded in the result)."""
+    results = [score_example(ex, answers[ex.index], task, dataset, parse, count) for ex in dataset.examples]
     metrics: dict = {"n": len(results), **mean_values([r.values() for r in results])}
     details: dict = {}
     if task == "count":
@@ -214,7 +225,7 @@ def score_model(name: str, dataset: Dataset, task: str, answers: dict[int, str],
         for r in results:
             by_cat.setdefault(r.example.category or "uncategorised", []).append(r.score.primary())
         details = {"per_category_accuracy": {k: float(np.mean(v)) for k, v in sorted(by_cat.items())}}
-    return ModelResult(name, results, metrics, details)
+    return ModelResult(name, results, metrics, details, answer_format)
 
 
 # --------------------------------------------------------------------------- comparison
