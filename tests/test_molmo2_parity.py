@@ -1,12 +1,13 @@
 """Parity: our Molmo2 preprocessing (no torchvision) against transformers' own Molmo2Processor, and the model
 given our inputs against transformers' processor + model + generate.
 
-The reference runs in a subprocess (tests/molmo2_reference.py) with the test-only torchvision from
+The reference processor runs in a subprocess (tests/molmo2_reference.py) with the test-only torchvision from
 .ref/torchvision on PYTHONPATH (scripts/setup.sh --test installs it; it is never installed into .venv). It
-loads the tiny checkpoints with `AutoProcessor` / `Molmo2ForConditionalGeneration.from_pretrained` and writes
-its tensors per case; the tests compute ours in this process and compare key by key: same keys, dtypes and
-shapes, integer tensors equal, pixel values within 1e-6 (they come out bit-identical), logits within 1e-4
-(fp32, CPU), and the same greedy tokens.
+loads the tiny checkpoints with `AutoProcessor.from_pretrained` and writes its tensors per case; the tests
+compute ours in this process and compare key by key: same keys, dtypes and shapes, integer tensors equal,
+pixel values within 1e-6 (they come out bit-identical). transformers' model needs no torchvision, so the
+reference chain's model half (`Molmo2ForConditionalGeneration.from_pretrained` + `generate` on the reference
+inputs) runs here: logits within 1e-4 (fp32, CPU) and the same greedy tokens as our loader + runner.
 
 Both sides run torch with the same number of threads: torch's float bilinear interpolation is not bit-stable
 across thread counts (1-ulp differences flip a few x.5 roundings to the next uint8 level, 1/127.5 after
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REF_TORCHVISION = ROOT / ".ref" / "torchvision"
 PIXEL_TOL = 1e-6
 LOGIT_TOL = 1e-4
-MODEL_KEYS = ("logits", "greedy", "rendered", "seconds")
+MODEL_KEYS = ("rendered", "seconds")  # reference entries that are not processor outputs
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -69,11 +70,16 @@ IMAGES = [
     ("bilevel_64x48", 64, 48, "1", "noise"),
     ("i16_70x50", 70, 50, "I;16", "noise"),
 ]
+# Size a has the real 378-px geometry and up to 9 crops of 1.7 MB per image: a subset that still covers every
+# kind of tiling (1x1, 2x1, 2x2, 2x4, 1x8, 4x1, sides shorter than the 112-px margins); size b (224 px) gets all.
+SIZE_A_IMAGES = {"tiny_1x1", "tiny_2x3", "tiny_13x7", "patch_14x14", "odd_123x457", "crop_378x378", "canvas_644x644",
+                 "vga_640x480", "odd_1000x700", "very_wide_3000x40", "tall_30x1500", "pano_2400x300",
+                 "tall_200x1100", "rgba_cutout_50x400", "l_256x256"}
 # (name, frames, height, width, fps): sampling at <= 2 fps, the frame cap, a non-integer rate, 1 fps
 VIDEOS = {
-    "a": [("v9_2fps", 9, 48, 64, 2.0), ("v37_7.5fps", 37, 50, 70, 7.5), ("v70_cap64", 70, 8, 8, 2.0)],
+    "a": [("v9_2fps", 9, 48, 64, 2.0), ("v37_7.5fps", 37, 50, 70, 7.5), ("v5_60fps", 5, 30, 20, 60.0)],
     "b": [("v3_30fps", 3, 40, 30, 30.0), ("v200_24fps", 200, 36, 48, 24.0), ("v100_29.97fps", 100, 20, 90, 29.97),
-          ("v25_1fps", 25, 30, 30, 1.0)],
+          ("v25_1fps", 25, 30, 30, 1.0), ("v70_cap", 70, 8, 8, 2.0)],
 }
 
 
@@ -121,6 +127,9 @@ def media(tmp_path_factory):
             path = root / f"{name}.npy"
             np.save(path, frames)
             videos[name] = {"npy": str(path), "fps": fps}
+    frames = rng.integers(0, 256, (8, 24, 32, 3), dtype=np.uint8)  # 4 frames after sampling, for the model cases
+    np.save(root / "model_video.npy", frames)
+    videos["model_video"] = {"npy": str(root / "model_video.npy"), "fps": 4.0}
     return images, videos
 
 
@@ -147,6 +156,8 @@ def build_cases(ckpts: dict, media) -> list[dict]:
     for size in ("a", "b"):
         ck = ckpts[size]
         for name in images:
+            if size == "a" and name not in SIZE_A_IMAGES:
+                continue
             cases.append(dict(name=f"{size}-one-{name}", group="one", size=size, checkpoint=ck,
                               prompt="Point to the brightest spot.", images=[images[name]]))
         sets = [["vga_640x480", "tiny_13x7", "very_wide_3000x40"], ["rgba_300x200", "l_256x256", "p_200x150"],
@@ -177,11 +188,11 @@ def build_cases(ckpts: dict, media) -> list[dict]:
             dict(prompt="Point to the cat.", images=[images["odd_123x457"]]),
             dict(prompt="Compare them.", images=[images["small_100x60"], images["rgba_cutout_50x400"],
                                                  images["tiny_13x7"]], history=[["First?", "A boat."]]),
-            dict(prompt="What happens?", video=videos[VIDEOS[size][0][0]]),
+            dict(prompt="What happens?", video=videos["model_video"]),
             dict(prompt="Tell me a story.", history=[["hi", "hello"]]),
         ]
         for k, extra in enumerate(model_cases):
-            cases.append(dict(name=f"{size}-model-{k}", group="model", size=size, checkpoint=ck, model=True,
+            cases.append(dict(name=f"{size}-model-{k}", group="model", size=size, checkpoint=ck,
                               max_new_tokens=8, **extra))
     return cases
 
@@ -270,7 +281,7 @@ def check_group(reference, runners, group: str, size: str) -> list[dict]:
 @pytest.mark.parametrize("size", ["a", "b"])
 def test_single_images_match_transformers_processor(reference, runners, size):
     results = check_group(reference, runners, "one", size)
-    assert len(results) == len(IMAGES)
+    assert len(results) == (len(SIZE_A_IMAGES) if size == "a" else len(IMAGES))
     assert max(r["pixel_values"] for r in results) <= PIXEL_TOL
 
 
@@ -302,23 +313,36 @@ def test_prompts_history_raw_text_only_and_max_crops_match(reference, runners, s
 def test_video_frame_count_and_timestamps(reference, runners):
     """The sampled frames and the timestamps written into the prompt, for the cases with known answers."""
     by_name = {c["name"]: c for c in reference["cases"]}
-    expect = {"a-video-v9_2fps": (9, "4.0"), "a-video-v70_cap64": (64, None), "b-video-v200_24fps": (16, None),
-              "b-video-v3_30fps": (1, "0.0")}
+    # 9 frames at 2 fps: all; 70 at 2 fps: capped by num_frames (16 for size b); 200 at 24 fps: 2 per second;
+    # 3 or 5 frames at 30 / 60 fps: 1
+    expect = {"a-video-v9_2fps": (9, "4.0"), "b-video-v70_cap": (16, "32.5"), "b-video-v200_24fps": (16, "7.8"),
+              "b-video-v3_30fps": (1, "0.0"), "a-video-v5_60fps": (1, "0.0")}
     for name, (frames, last) in expect.items():
         ref = load_ref(reference, by_name[name])
         assert int(ref["video_grids"][0, 0]) == frames
         x = ours(runners[name[0]], by_name[name])
         assert len(x.timestamps) == frames
-        if last is not None:
-            assert f"{last} <frame_start>" in x.text
+        assert x.text.count("<frame_start>") == frames
+        assert f" {last} <frame_start>" in x.text or x.text.split("<|im_end|>", 2)[1].startswith(last)
+        assert x.timestamps == sorted(x.timestamps) and f"{x.timestamps[-1]:.1f}" == last
 
 
 # ----------------------------------------------------------------------------------------- model parity
+@pytest.fixture(scope="module")
+def reference_models(ckpts):
+    """transformers' model loaded plainly (`from_pretrained`, fp32), independent of our loader; it needs no
+    torchvision, so it runs here on the reference inputs."""
+    from transformers import Molmo2ForConditionalGeneration
+
+    return {s: Molmo2ForConditionalGeneration.from_pretrained(ckpts[s], dtype=torch.float32).eval() for s in "ab"}
+
+
 @pytest.mark.parametrize("size", ["a", "b"])
-def test_model_logits_and_greedy_tokens_match(reference, runners, size):
-    """Logits from our inputs vs transformers' processor + model (fp32, CPU), and the greedy answer through
-    both our `generate_ids` and the streaming `generate`."""
-    runner = runners[size]
+def test_model_logits_and_greedy_tokens_match(reference, runners, reference_models, size):
+    """Our inputs through our loader's model vs transformers' processor -> transformers' model -> `generate`
+    (fp32, CPU): logits within 1e-4, and the same greedy answer through our `generate_ids` and through the
+    streaming `generate`."""
+    runner, ref_model = runners[size], reference_models[size]
     cases = [c for c in reference["cases"] if c["group"] == "model" and c["size"] == size]
     assert len(cases) == 4
     worst = 0.0
@@ -327,14 +351,19 @@ def test_model_logits_and_greedy_tokens_match(reference, runners, size):
         x = ours(runner, case)
         ref = load_ref(reference, case)
         compare(x.tensors, ref)
+        ref_inputs = {k: v for k, v in ref.items() if k not in MODEL_KEYS}
         with torch.inference_mode():
-            logits = runner.model(**x.tensors).logits[0].float()
-        d = float((logits - ref["logits"]).abs().max())
+            ref_logits = ref_model(**ref_inputs).logits[0]
+            gen = ref_model.generate(**ref_inputs, max_new_tokens=case["max_new_tokens"], do_sample=False)
+            logits = runner.model(**x.tensors).logits[0]
+        d = float((logits - ref_logits).abs().max())
         worst = max(worst, d)
         assert d <= LOGIT_TOL, f"{case['name']}: max |logit diff| {d:.3g}"
-        want = ref["greedy"].tolist()
+        want = gen[0, ref["input_ids"].shape[1]:].tolist()
         want = want[:next((k for k, t in enumerate(want) if t in runner.eos_ids), len(want))]
         assert runner.generate_ids(x, case["max_new_tokens"]) == want, case["name"]
+        if case["name"].endswith(("-1", "-3")):
+            continue  # the streaming path once with images and once with a video is enough
         image = ([Image.open(p) for p in case["images"]] if case.get("images") else
                  Video(np.load(case["video"]["npy"]), case["video"]["fps"]) if case.get("video") else None)
         text = runner.generate(image, case["prompt"], history=[tuple(t) for t in case.get("history", [])],
@@ -360,7 +389,7 @@ def test_comparison_catches_small_differences(reference, runners):
             compare(bad, ref)
 
 
-def test_wrong_resize_or_layout_would_be_caught(reference, runners, monkeypatch):
+def test_wrong_resize_or_layout_would_be_caught(reference, runners, reference_models, monkeypatch):
     """Plausible wrong implementations differ measurably: an antialiased resize moves pixel values far beyond
     the tolerance, and the model's logits (not only the inputs) react to such a change far beyond 1e-4."""
     import molmo_core.molmo2.processing as P
@@ -379,7 +408,8 @@ def test_wrong_resize_or_layout_would_be_caught(reference, runners, monkeypatch)
     assert d_pix > 100 * PIXEL_TOL
     with torch.inference_mode():
         logits = runners["a"].model(**x.tensors).logits[0]
-    assert float((logits - ref["logits"]).abs().max()) > 10 * LOGIT_TOL
+        ref_logits = reference_models["a"](**{k: v for k, v in ref.items() if k not in MODEL_KEYS}).logits[0]
+    assert float((logits - ref_logits).abs().max()) > 10 * LOGIT_TOL
     with pytest.raises(AssertionError, match="pixel_values"):
         compare(x.tensors, ref)
 

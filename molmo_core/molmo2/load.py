@@ -214,6 +214,8 @@ def load_molmo2(source: str | os.PathLike, quantize: str | None = None, device: 
         raise CheckpointError(f"{source} is a Molmo v1 checkpoint (config.json model_type "
                               f"{read_config(path).get('model_type')!r}); load it with molmo_core.load.")
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or default_dtype(device)
     if progress:
         progress(0.05, "Reading the tokenizer and processor settings...")

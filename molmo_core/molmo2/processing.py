@@ -26,10 +26,14 @@ Prompt: the checkpoint's chat template (rendered the way transformers renders it
 image placeholders go before the first turn (`<|image|>`, or `Image 1<|image|>Image 2<|image|>...`, or
 `<|video|>`), bos (`<|im_end|>` for Molmo2) is prepended, then every placeholder is replaced by its token string.
 
-One deliberate difference: images are read by `molmo_core.preprocessing.load_image(alpha="white")`, which
-applies the EXIF orientation (as the app and Molmo v1 do) and then converts to RGB exactly as transformers does
-for PIL images (transparency composited onto white). transformers ignores EXIF orientation. Arrays are taken
-as channels-last (HxW, HxWx1, HxWx3, HxWx4 uint8) and treated like the PIL image they represent.
+Deliberate differences (everything else is proven equal by the parity tests):
+  * images are read by `molmo_core.preprocessing.load_image(alpha="white")`, which applies the EXIF orientation
+    (as the app and Molmo v1 do) and then converts to RGB exactly as transformers does for PIL images
+    (transparency composited onto white); transformers ignores EXIF orientation. Arrays are taken as
+    channels-last (HxW, HxWx1, HxWx3, HxWx4 uint8) and treated like the PIL image they represent;
+  * video frames are normalized even when the checkpoint's video config does not say do_rescale /
+    do_normalize (transformers 5.23 then feeds raw 0-255 frames; see `VideoSettings`);
+  * grey [T, H, W] videos are accepted (repeated to RGB).
 """
 
 from __future__ import annotations
@@ -541,6 +545,7 @@ class Molmo2Preprocessor:
         """
         if not isinstance(prompt, str) or (not prompt.strip() and template != "none"):
             raise MolmoInputError("The prompt is empty; type a question or an instruction.")
+        history = [(str(q), str(a)) for q, a in history]
         for text in [prompt] + [s for turn in history for s in turn]:
             bad = [t for t in SPECIAL_STRINGS if t in text]
             if bad:
@@ -568,7 +573,9 @@ class Molmo2Preprocessor:
         if text.count(placeholder) != len(replacements):
             raise ValueError(f"The chat template wrote {text.count(placeholder)} {placeholder} placeholder(s) for "
                              f"{len(replacements)} input(s).")
-        add_special = not (self.bos and text.startswith(self.bos))
+        # as apply_chat_template: no special tokens added when the template wrote the bos itself
+        bos_token = self.tokenizer.bos_token
+        add_special = not (template != "none" and bos_token is not None and text.startswith(bos_token))
         if self.bos and not text.startswith(self.bos):
             text = self.bos + text
         parts = text.split(placeholder)
