@@ -105,15 +105,16 @@ def access_control(data_root: str | Path, auth: str | None, host: str, share: bo
     studio = Path(data_root) / STUDIO_DIR
     accounts = Accounts(studio / "users.json")
     audit = AuditLog(studio / "audit.jsonl")
+    settings = studio / "settings.json"
     if auth:
         user, sep, password = auth.partition(":")
         if not sep or not user or not password:
             raise SystemExit("--auth must look like user:password")
         if accounts:
             raise SystemExit(f"--auth and the accounts in {accounts.path} both configure logins; drop --auth.")
-        return AccessControl(SingleAccount(user, password), audit=audit)
+        return AccessControl(SingleAccount(user, password), audit=audit, settings_path=settings)
     if accounts:
-        return AccessControl(accounts, audit=audit)
+        return AccessControl(accounts, audit=audit, settings_path=settings)
     if share or not is_loopback(host):
         where = "a share link" if share else f"{host}"
         raise SystemExit(f"Serving on {where} needs a login: add accounts first, e.g. `python launch.py "

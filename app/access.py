@@ -242,6 +242,23 @@ class AccessControl:
     accounts: Accounts | SingleAccount | None = None
     annotators_use_tasks: bool = False  # admins may let annotators use the task tabs on the loaded model
     audit: Any = None  # app.audit.AuditLog: admin actions and refusals
+    settings_path: Path | None = None  # where admins' choices (annotators_use_tasks) are kept across restarts
+
+    def __post_init__(self) -> None:
+        if self.settings_path is not None and self.settings_path.is_file():
+            try:
+                saved = json.loads(self.settings_path.read_text(encoding="utf-8"))
+                self.annotators_use_tasks = bool(saved.get("annotators_use_tasks", self.annotators_use_tasks))
+            except (OSError, ValueError, AttributeError):
+                log.warning("ignoring unreadable settings file %s", self.settings_path)
+
+    def set_annotators_use_tasks(self, allowed: bool) -> None:
+        self.annotators_use_tasks = bool(allowed)
+        if self.settings_path is not None:
+            self.settings_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.settings_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"annotators_use_tasks": self.annotators_use_tasks}), encoding="utf-8")
+            os.replace(tmp, self.settings_path)
 
     @property
     def login(self) -> bool:

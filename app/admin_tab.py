@@ -83,7 +83,7 @@ class AdminHandlers:
 
     @user_errors("changing what annotators may use")
     def set_annotator_tasks(self, allowed: bool) -> str:
-        self.control.annotators_use_tasks = bool(allowed)
+        self.control.set_annotators_use_tasks(bool(allowed))
         self._audit("annotators use task tabs", value=bool(allowed))
         return ("Annotators may now use Point & Count, Clock, Ask and Caption on the loaded model (after a reload "
                 "of their page)." if allowed else "Annotators see only the Annotate tab.")

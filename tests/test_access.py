@@ -337,3 +337,21 @@ def test_no_password_reaches_the_log(server, caplog):
     assert "login refused for 'carol'" in caplog.text
     for pw in (*PASSWORDS.values(), "not-carols-password-x"):
         assert pw not in text
+
+
+def test_admin_lets_annotators_use_the_task_tabs_and_the_choice_is_kept(server):
+    url, data = server["url"], server["data"]
+    alice, bob = _login(url, "alice"), _login(url, "bob")
+    config = alice.get(f"{url}config").json()
+    point_args = _inputs(config, "point")
+    assert "bob may not do this" in _raw_call(bob, url, "point", point_args)
+    try:
+        assert "event: complete" in _raw_call(alice, url, "admin_annotator_tasks", [True])
+        text = _raw_call(bob, url, "point", point_args)
+        assert "may not" not in text and "event: error" in text  # allowed now; fails only for want of an image
+        assert "bob may not do this" in _raw_call(bob, url, "load_model", _inputs(config, "load_model"))
+        assert AccessControl(None, settings_path=data / ".studio" / "settings.json").annotators_use_tasks
+    finally:
+        _raw_call(alice, url, "admin_annotator_tasks", [False])
+    assert "bob may not do this" in _raw_call(bob, url, "point", point_args)
+    assert not AccessControl(None, settings_path=data / ".studio" / "settings.json").annotators_use_tasks
