@@ -396,7 +396,8 @@ POLICY: dict[str, str] = {
     "page_load": ANYONE, "status": ANYONE, "status_tick": ANYONE, "whoami": ANYONE,
     "load_model": ADMIN,
     # the task tabs on the loaded model
-    "point": TASKS, "count": TASKS, "render_*": TASKS, "point_submit": TASKS, "read_clock": TASKS,
+    "point": TASKS, "count": TASKS, "point_multi": TASKS, "count_multi": TASKS, "render_*": TASKS,
+    "point_submit": TASKS, "read_clock": TASKS,
     "ask*": TASKS, "clear_chat": TASKS, "new_image_clear_chat": TASKS, "caption": TASKS, "load_example*": TASKS,
     # annotation; the speech-model choice is an admin's
     "video_*": TASKS,

@@ -3,7 +3,7 @@
 Tabs: Model, Point & Count, Clock, Ask, Caption, and (when their modules import) Annotate, Train and Eval.
 Every event has an `api_name`, so `gradio_client` can drive the app:
 `/point`, `/count`, `/read_clock`, `/ask`, `/caption` (image + text -> answer text + parsed JSON),
-`/ask_point_multi`, `/ask_count_multi` (several images + text, Molmo2 -> answer + points per image) and
+`/point_multi`, `/count_multi` (several images + text, Molmo2 -> answer + points per image) and
 `/render_point_multi`, `/render_count_multi` (one overlay per image, table with an image column),
 `/load_model`, `/status`; the Eval tab's `/eval_start`, `/eval_status`, `/eval_stop`, `/eval_example`,
 `/eval_prev`, `/eval_next`.
@@ -43,7 +43,7 @@ HUB_CHOICES = ["allenai/Molmo-7B-D-0924", "allenai/Molmo-7B-O-0924", "allenai/Mo
 # The multi-image events (model step, drawing step) per task. "point_multi" / "count_multi" would need their
 # own entries in app.access.POLICY (it lists "point" and "count" as exact names); "ask*" and "render_*" are
 # task rules already.
-MULTI_EVENTS = {"point": ("ask_point_multi", "render_point_multi"), "count": ("ask_count_multi", "render_count_multi")}
+MULTI_EVENTS = {"point": ("point_multi", "render_point_multi"), "count": ("count_multi", "render_count_multi")}
 # Browsers give a page the microphone only in a secure context (HTTPS, or a loopback address): say so
 # in the Annotate tab instead of a Record button that silently does nothing.
 INSECURE_MIC_HTML = """<div id="insecure-mic" style="display:none; padding:0.8em; border:2px solid #c0392b;

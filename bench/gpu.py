@@ -21,6 +21,8 @@ cannot fit it, and every result is written to DIR/gpu.json as soon as it exists:
   moe          MolmoE-1B shapes: the old per-expert loop vs stacked experts (eager, compiled)
   correctness  mid config: compiled == eager greedy tokens, bf16 vs fp32 logits, batch == one at a time
   8bit         LLM.int8 7B-D: time to first token, decode tokens/s, peak VRAM
+  molmo2       Molmo2-4B and -8B shapes through transformers' native classes (bench/molmo2_gpu.py), with
+               Molmo v1 7B-D (ours, eager) in the same run as the baseline
 DIR/gpu.md gets the table that is also printed last.
 """
 
@@ -382,7 +384,28 @@ def section_correctness(run: Run) -> None:
         del m16
 
 
-SECTIONS = ("env", "dense", "4bit", "moe", "correctness", "8bit")
+SECTIONS = ("env", "dense", "4bit", "moe", "correctness", "8bit", "molmo2")
+
+
+def section_molmo2(run: Run) -> None:
+    from bench import molmo2_gpu
+
+    why = molmo2_gpu.available()
+    for size in ("molmo2-4b", "molmo2-8b"):
+        with run.section(size, 60) as res:
+            if res is None:
+                continue
+            if why:
+                res["skipped"] = why
+                continue
+            molmo2_gpu.measure(size, run, res)
+        free()
+        if run.dry_run:
+            break  # one tiny size stands in for both
+    with run.section("v1-7b-d-baseline", 30) as res:
+        if res is not None:
+            molmo2_gpu.v1_baseline(run, res)
+    free()
 
 
 def table(results: dict) -> str:
@@ -428,7 +451,8 @@ def main(out: Path, budget_s: float = 450, dry_run: bool = False, compile: bool 
     run = Run(out, budget_s, dry_run, compile and not dry_run)
     steps = {"env": lambda: section_env(run), "dense": lambda: section_dense(run),
              "4bit": lambda: section_quantized(run, "4bit", 120), "moe": lambda: section_moe(run),
-             "correctness": lambda: section_correctness(run), "8bit": lambda: section_quantized(run, "8bit", 60)}
+             "correctness": lambda: section_correctness(run), "8bit": lambda: section_quantized(run, "8bit", 60),
+             "molmo2": lambda: section_molmo2(run)}
     for name in sections:
         steps[name]()
     text = table(run.results)

@@ -1,6 +1,6 @@
 """The app with Molmo2: one loading entry for both families, prompts and parsing per family, Point & Count /
 Clock / Ask / Caption / streaming / caption drafts on a tiny random Molmo2, several images at once (Molmo2
-only), and the same through gradio_client (/load_model, /point, /ask_point_multi, /render_point_multi)."""
+only), and the same through gradio_client (/load_model, /point, /point_multi, /render_point_multi)."""
 
 from __future__ import annotations
 
