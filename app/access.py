@@ -399,8 +399,8 @@ POLICY: dict[str, str] = {
     "point": TASKS, "count": TASKS, "point_multi": TASKS, "count_multi": TASKS, "render_*": TASKS,
     "point_submit": TASKS, "read_clock": TASKS,
     "ask*": TASKS, "clear_chat": TASKS, "new_image_clear_chat": TASKS, "caption": TASKS, "load_example*": TASKS,
-    # annotation; the speech-model choice is an admin's
     "video_*": TASKS,
+    # annotation; the speech-model choice is an admin's
     "annotate_*": ANNOTATOR, "annotate_pick_asr_model": ADMIN,
     # admin tabs
     "train_*": ADMIN, "eval_*": ADMIN, "review_*": ADMIN, "admin_*": ADMIN,
