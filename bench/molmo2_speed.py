@@ -42,7 +42,8 @@ torch.set_num_threads(threads)
 proc = AutoProcessor.from_pretrained(model_dir)
 model = Molmo2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
 def run(path):
-    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.open(path)}, {"type": "text", "text": prompt}]}]
+    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.open(path)},
+                                         {"type": "text", "text": prompt}]}]
     t0 = time.perf_counter()
     x = proc.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     t1 = time.perf_counter()

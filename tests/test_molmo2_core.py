@@ -12,7 +12,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from molmo_core.errors import CheckpointError, ModelUnloadedError, MolmoInputError
 from molmo_core.molmo2 import Molmo2Runner, load_molmo2, model_family

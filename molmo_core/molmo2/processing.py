@@ -499,7 +499,9 @@ class Molmo2Preprocessor:
             return self.render(conversation(prompt, history, n_images, video))
         return build_prompt(prompt, history, n_images, video)
 
-    def process_images(self, images: Sequence, max_crops: int | None = None) -> tuple[dict[str, torch.Tensor], list[str], list]:
+    def process_images(self, images: Sequence, max_crops: int | None = None
+                       ) -> tuple[dict[str, torch.Tensor], list[str], list]:
+        """Images -> (image tensors, the token string of each image, each image's (W, H))."""
         feats, sizes = [], []
         for image in images:
             rgb = load_image(image, alpha="white")
