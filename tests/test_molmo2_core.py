@@ -27,7 +27,8 @@ def m2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(m2):
-    r = load_molmo2(m2["a"], device="cpu")
+    """Size b (224-px crops: cheaper than the real 378-px geometry, which the parity tests cover)."""
+    r = load_molmo2(m2["b"], device="cpu")
     yield r
     r.close()
 
@@ -111,14 +112,16 @@ def test_missing_or_incomplete_checkpoints_say_what_was_found_and_what_to_do(m2,
 
 def test_load_defaults_fp32_on_cpu_and_reads_processor_settings(runner, m2):
     assert runner.device.type == "cpu" and runner.dtype == torch.float32
-    assert runner.path == m2["a"] and runner.name == str(m2["a"]) and runner.quantize is None
+    assert runner.path == m2["b"] and runner.name == str(m2["b"]) and runner.quantize is None
     assert runner.family == "molmo2"
-    assert runner.processor.image.crop_size == 378 and runner.processor.image.max_crops == 8
     assert runner.processor.chat_template == CHAT_TEMPLATE
     assert runner.memory_bytes() == sum(p.numel() * 4 for p in runner.model.parameters())
-    b = P.Molmo2Preprocessor.from_pretrained(m2["b"])
+    b = runner.processor
     assert (b.image.crop_size, b.image.max_crops, b.image.overlap_margins) == (224, 6, (3, 2))
     assert (b.video.num_frames, b.video.pooling_size) == (16, (3, 3))
+    a = P.Molmo2Preprocessor.from_pretrained(m2["a"])
+    assert (a.image.crop_size, a.image.max_crops, a.image.overlap_margins) == (378, 8, (4, 4))
+    assert a.video == P.VideoSettings()  # the real defaults, written out explicitly
 
 
 def test_legacy_settings_layout_falls_back_like_transformers(m2, tmp_path):
@@ -237,7 +240,7 @@ def test_grey_video_and_video_dict_inputs(runner):
 
 
 def test_close_unloads_and_later_calls_say_so(m2):
-    r = load_molmo2(m2["b"], device="cpu")
+    r = load_molmo2(m2["a"], device="cpu")
     assert r.generate(None, "hi", max_new_tokens=2) is not None
     r.close()
     with pytest.raises(ModelUnloadedError):
