@@ -9,6 +9,9 @@ Several GPUs / nodes (DDP through accelerate; see configs/accelerate/README.md):
 Sharded full fine-tunes (torch FSDP2; tested on 2 CPU processes only): add --mode full --fsdp, or
     torchrun --nproc_per_node N -m molmo_core.train --mode full --fsdp --model ... --data ... --out ...
 
+Molmo2 bases (config.json model_type "molmo2") are dispatched to `molmo2.py`: LoRA / QLoRA (peft), one process;
+--mode full / --fsdp are refused there with a message.
+
 `start_background(args)` runs the same thing as a child process (the UI's Train tab), logging to
 OUT/train.log; stop it with `stop_background(proc)` (SIGTERM: the run saves a checkpoint and exports).
 """
@@ -166,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training in the background: pid {proc.pid}, log {Path(args.out) / 'train.log'}")
         return 0
     try:
-        result = train(args)
+        # ---- Molmo2 bases (config.json model_type "molmo2") train through train/molmo2.py (peft LoRA / QLoRA)
+        from .molmo2 import is_molmo2_base, train_molmo2
+
+        result = train_molmo2(args) if is_molmo2_base(args.model) else train(args)
+        # ---- end of the Molmo2 dispatch
     except (DataError, TrainError, CheckpointError, MolmoInputError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         _shutdown_distributed(wait_for_all=False)
