@@ -205,3 +205,18 @@ def test_stopped_run_resumes_to_the_same_losses(m2, tmp_path):
     np.testing.assert_allclose(first.losses + second.losses, whole.losses, rtol=1e-5)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_held_out_questions_are_scored_in_molmo2_format():
+    from molmo_core.train.data import load_records
+    from molmo_core.train.molmo2 import score_molmo2, task_items
+    from molmo_core.train.task_eval import summarize
+
+    records, _ = load_records(["shapes:2", "clocks:1"])
+    items = task_items(records)
+    assert sorted(it.task for it in items) == ["clock", "count", "count", "point", "point"]
+    assert all("coords=" in it.reference for it in items if it.task != "clock")
+    perfect = summarize(score_molmo2(items, [it.reference for it in items]))
+    assert perfect["eval_point_f1"] == perfect["eval_count_accuracy"] == perfect["eval_clock_overall_exact"] == 1.0
+    wrong = summarize(score_molmo2(items, ["There are none."] * len(items)))
+    assert wrong["eval_point_recall"] == 0.0

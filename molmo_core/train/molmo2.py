@@ -20,13 +20,14 @@ What it does, step by step (one process; several processes, FSDP and --mode full
     recipe), gradient accumulation, per-component clipping, linear warmup + cosine (`recipe.make_scheduler`),
     loss = CE (+ z-loss) summed over the answer tokens of the step / their number;
   * files under OUT: metrics.jsonl (step, loss, lr, lr_connector, lr_vit, tokens_per_s, loss_tokens, grad_norm_*,
-    elapsed_s, eta_s; eval lines eval_loss), loss.png, checkpoints/step-N (adapter, optimizer, scheduler, state;
+    elapsed_s, eta_s; eval lines eval_loss and eval_{task}_* for held-out point / count / clock questions), loss.png, checkpoints/step-N (adapter, optimizer, scheduler, state;
     `latest` points at the newest, resumed by --resume auto), adapter/ (peft `save_pretrained`), final/ (the base
     in `export_dtype`, unquantized, with the adapter merged, `save_pretrained`, plus the base's tokenizer,
     processor and chat-template files and finetune.json), which `load_molmo2(OUT/final)` and the app load.
 
 Not carried over from the v1 trainer (yet): text-only (response) dropout, sequence packing of several
-annotations of one image, held-out task metrics (point / count / clock answers; eval_loss only), DDP / FSDP.
+annotations of one image, DDP / FSDP. Held-out point / count / clock questions are answered greedily through
+the runner and scored in Molmo2's format (eval_point_f1, eval_count_accuracy, eval_clock_overall_exact, ...).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from .data import Annotation, Record, load_records, split_records
 from .loop import CHECKPOINTS, LATEST, TrainError, TrainResult
 from .recipe import TrainArgs, clip_per_component, make_optimizer, make_scheduler
+from .task_eval import TASK_METRICS, TaskItem, format_metrics, summarize
 
 # LoRA targets (peft full-match regexes over module names of Molmo2ForConditionalGeneration, transformers 5.23).
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
@@ -240,6 +242,59 @@ def loss_sums(model, batch: dict[str, torch.Tensor], z_loss: float) -> tuple[tor
     return total.sum(), ce.sum().detach(), int(sel.sum())
 
 
+# ----------------------------------------------------------------------------------------- held-out tasks
+def task_items(records: Sequence[Record]) -> list[TaskItem]:
+    """The point, count and clock questions of records with ground truth, as Molmo2 prompts and references."""
+    items = []
+    for r in records:
+        if r.truth is None:
+            continue
+        for a in r.annotations:
+            if a.kind in TASK_METRICS and a.prompt:
+                prompt, answer = molmo2_target(a)
+                items.append(TaskItem(a.kind, prompt, answer, r))
+    return items
+
+
+def molmo2_answers(runner, items: Sequence[TaskItem], batch_size: int = 8) -> list[str]:
+    """Greedy answers through the runner (its model carries the LoRA layers), batched per task; each answer at
+    most 1.25 x the task's longest reference (+ 8 tokens), capped at the evaluation's default."""
+    from ..eval.runner import MAX_NEW_TOKENS
+
+    tok = runner.tokenizer
+    longest: dict[str, int] = {}
+    for it in items:
+        longest[it.task] = max(longest.get(it.task, 0), len(tok(it.reference, add_special_tokens=False)["input_ids"]))
+    answers: list[str] = [""] * len(items)
+    for task, n in longest.items():
+        idx = [i for i, it in enumerate(items) if it.task == task]
+        limit = min(MAX_NEW_TOKENS[task], int(1.25 * n) + 8)
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            out = runner.generate_batch([(_image_of(items[i].record.image), items[i].prompt) for i in chunk],
+                                        max_new_tokens=limit)
+            for i, a in zip(chunk, out):
+                answers[i] = a
+    return answers
+
+
+def score_molmo2(items: Sequence[TaskItem], answers: Sequence[str]) -> list[tuple[str, dict[str, float]]]:
+    """(task, {metric: value}) per answer, read in Molmo2's format (`molmo_core.eval.formats` "molmo2")."""
+    from ..eval.data import SYNTHETIC_CLOCK_TOLERANCE, Dataset
+    from ..eval.formats import get_count_parser, get_format
+    from ..eval.runner import score_example
+
+    parse, count = get_format("molmo2"), get_count_parser("molmo2")
+    out = []
+    for it, answer in zip(items, answers, strict=True):
+        truth = it.truth()
+        rules = Dataset("held-out", [], point_rule="mask" if truth.masks is not None else "distance",
+                        clock_tolerance=SYNTHETIC_CLOCK_TOLERANCE)
+        values = score_example(truth, answer, it.task, rules, parse, count).values()
+        out.append((it.task, {k: values[k] for k in TASK_METRICS[it.task]}))
+    return out
+
+
 # ----------------------------------------------------------------------------------------- model
 def component_of(name: str) -> str:
     """Molmo2 parameter name -> vit | connector | llm."""
@@ -363,6 +418,7 @@ class Molmo2Trainer:
         self.base_path = Path(self.runner.path)
         self.processor, self.tokenizer = self.runner.processor, self.runner.tokenizer
         self.max_crops = min(a.max_crops, self.processor.image.max_crops)
+        self.processor.image = replace(self.processor.image, max_crops=self.max_crops)  # held-out answers too
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if self.end_id is None or self.end_id == getattr(self.tokenizer, "unk_token_id", None):
             self.end_id = self.tokenizer.eos_token_id
@@ -388,6 +444,11 @@ class Molmo2Trainer:
             train_records, eval_records = split_records(records, a.eval_fraction, a.seed)
         self.train_targets = record_targets(train_records, a.annotations)
         self.eval_targets = record_targets(eval_records, a.annotations) if eval_records else []
+        self.task_items = task_items(eval_records)
+        if self.task_items:
+            self.log(f"held-out task metrics: {len(self.task_items)} "
+                     f"{' / '.join(sorted({it.task for it in self.task_items}))} questions answered greedily at every "
+                     "evaluation")
         self.log(f"data: {report.summary()}; {len(self.train_targets)} training examples, {len(self.eval_targets)} "
                  "held out")
         self.max_steps = a.max_steps or max(1, math.ceil(a.epochs * len(self.train_targets) / self.per_step))
@@ -456,6 +517,27 @@ class Molmo2Trainer:
                 "tokens_per_s": n_tokens / dt, "loss_tokens": n_loss, "step_s": dt,
                 **{f"grad_norm_{k}": v for k, v in norms.items()}}
 
+    def evaluate(self) -> dict[str, float]:
+        """{"eval_loss": ..., plus the held-out task metrics}; {} without held-out records."""
+        loss = self.validate()
+        return {} if loss is None else {"eval_loss": loss, **self.task_metrics()}
+
+    def task_metrics(self) -> dict[str, float]:
+        """Greedy answers of the model being trained (LoRA included) to the held-out point / count / clock
+        questions, read in Molmo2's format and scored by molmo_core.eval as the v1 trainer does."""
+        if not self.task_items:
+            return {}
+        self.model.eval()
+        try:
+            with self._autocast():
+                answers = molmo2_answers(self.runner, self.task_items)
+        except Exception as e:  # noqa: BLE001 -- one clear message
+            raise TrainError(f"Answering the held-out questions at step {self.step} failed: {type(e).__name__}: "
+                             f"{e}. Train without them (--eval-fraction 0).") from e
+        finally:
+            self.model.train()
+        return summarize(score_molmo2(self.task_items, answers))
+
     @torch.no_grad()
     def validate(self) -> float | None:
         if not self.eval_targets:
@@ -488,10 +570,10 @@ class Molmo2Trainer:
                 m["eta_s"] = (self.max_steps - self.step) * sum(recent) / len(recent)
                 result.losses.append(m["loss"])
                 if a.eval_every and self.step % a.eval_every == 0 and self.step < self.max_steps:
-                    ev = self.validate()
-                    if ev is not None:
-                        m["eval_loss"] = ev
-                        result.eval_losses.append((self.step, ev))
+                    ev = self.evaluate()
+                    if ev:
+                        m.update(ev)
+                        self._record_eval(result, ev)
                 if self.step % a.log_every == 0 or self.step == self.max_steps or "eval_loss" in m:
                     self._log_step(m)
                 for cb in self.callbacks:
@@ -504,11 +586,12 @@ class Molmo2Trainer:
                 if a.save_every and self.step % a.save_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
             else:
-                ev = self.validate()
-                if ev is not None:
-                    result.eval_losses.append((self.step, ev))
-                    self._write_metrics({"step": self.step, "eval_loss": ev})
-                    self.log(f"eval loss at step {self.step}: {ev:.4f}")
+                ev = self.evaluate()
+                if ev:
+                    self._record_eval(result, ev)
+                    self._write_metrics({"step": self.step, **ev})
+                    tasks = format_metrics(ev)
+                    self.log(f"eval loss at step {self.step}: {ev['eval_loss']:.4f}" + (f"; {tasks}" if tasks else ""))
                 if self.step > start or not self._latest_dir():
                     self.save_checkpoint()
         finally:
@@ -517,6 +600,12 @@ class Molmo2Trainer:
         result.steps = self.step
         self.plot()
         return result
+
+    def _record_eval(self, result: TrainResult, ev: dict[str, float]) -> None:
+        result.eval_losses.append((self.step, ev["eval_loss"]))
+        tasks = {k: v for k, v in ev.items() if k != "eval_loss"}
+        if tasks:
+            result.eval_metrics.append((self.step, tasks))
 
     def run(self) -> TrainResult:
         self.setup()
@@ -532,10 +621,11 @@ class Molmo2Trainer:
                 f"{m['tokens_per_s']:,.0f} tok/s  eta {eta}")
         if "eval_loss" in m:
             line += f"  eval {m['eval_loss']:.4f}"
+            tasks = format_metrics(m)
+            line += f" ({tasks})" if tasks else ""
         self.log(line)
-        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s",
-                "eval_loss")
-        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith("grad_norm_")})
+        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s")
+        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith(("grad_norm_", "eval_"))})
 
     def _open_metrics(self) -> None:
         from .loop import _metrics_step
