@@ -25,8 +25,9 @@ What it does, step by step (one process; several processes, FSDP and --mode full
     in `export_dtype`, unquantized, with the adapter merged, `save_pretrained`, plus the base's tokenizer,
     processor and chat-template files and finetune.json), which `load_molmo2(OUT/final)` and the app load.
 
-Not carried over from the v1 trainer (yet): text-only (response) dropout, sequence packing of several
-annotations of one image, DDP / FSDP. Held-out point / count / clock questions are answered greedily through
+Text-only dropout (--response-dropout) acts on the language model's residual branches at answer positions, as
+in the v1 recipe. Not carried over from the v1 trainer (yet): sequence packing of several annotations of one image
+(each annotation is its own example, the image encoded again), DDP / FSDP. Held-out point / count / clock questions are answered greedily through
 the runner and scored in Molmo2's format (eval_point_f1, eval_count_accuracy, eval_clock_overall_exact, ...).
 """
 
@@ -295,6 +296,48 @@ def score_molmo2(items: Sequence[TaskItem], answers: Sequence[str]) -> list[tupl
     return out
 
 
+# ----------------------------------------------------------------------------------------- text-only dropout
+class ResponseDropout:
+    """Dropout on the residual branch outputs of the language model at answer positions only (the v1 recipe's
+    "text-only dropout", `recipe.ResponseDropout`): forward hooks on each decoder layer's `self_attn` and `mlp`
+    (pre-norm) or `input_layernorm` / `post_attention_layernorm` (post-norm, `norm_after`: the norm is the
+    branch's last op). `set_mask(mask)` before each forward; nothing happens in eval mode."""
+
+    def __init__(self, model, p: float):
+        self.p, self.mask, self.handles = p, None, []
+        if p <= 0:
+            return
+        lm = base_model(model).model.language_model
+        for layer in lm.layers:
+            targets = ([layer.input_layernorm, layer.post_attention_layernorm] if getattr(layer, "norm_after", False)
+                       else [layer.self_attn, layer.mlp])
+            self.handles += [m.register_forward_hook(self._hook) for m in targets]
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+
+    def _hook(self, module, inputs, output):
+        if not module.training or self.mask is None:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        if out.dim() != 3 or out.shape[:2] != self.mask.shape:
+            return None
+        dropped = torch.where(self.mask[..., None], F.dropout(out, self.p, training=True), out)
+        return (dropped, *output[1:]) if isinstance(output, tuple) else dropped
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) True at the positions whose next token is an answer token (where the loss is taken)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
 # ----------------------------------------------------------------------------------------- model
 def component_of(name: str) -> str:
     """Molmo2 parameter name -> vit | connector | llm."""
@@ -429,6 +472,7 @@ class Molmo2Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = get_peft_model(model, lora_config(a))
         self.model.train()
+        self.dropout = ResponseDropout(self.model, a.response_dropout)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {a.model} (Molmo2, {a.mode}) on {self.device}, {n_train / 1e6:.3g} M of {n_all / 1e6:.3g} M "
@@ -500,10 +544,12 @@ class Molmo2Trainer:
         ce_sum = 0.0
         for batch in micro:
             batch = self._to_device(batch)
+            self.dropout.set_mask(response_mask(batch["labels"]))
             with self._autocast():
                 total, ce, _ = loss_sums(self.model, batch, a.z_loss)
             (total / max(n_loss, 1)).backward()
             ce_sum += float(ce)
+        self.dropout.set_mask(None)
         norms = clip_per_component(self.optimizer, a.max_grad_norm)
         lrs = {g["component"]: g["lr"] for g in self.optimizer.param_groups}
         self.optimizer.step()
@@ -696,6 +742,9 @@ class Molmo2Trainer:
             self.model.save_pretrained(str(tmp / "adapter"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                       tmp / "rng.pt")
             state = {"step": self.step, "seq_pos": self.seq_pos, "max_steps": self.max_steps, "family": "molmo2",
                      "args": self.args.to_dict(), "time": time.time()}
             (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
@@ -746,6 +795,12 @@ class Molmo2Trainer:
         self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
         self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        if (latest / "rng.pt").is_file():  # text-only dropout continues as in an uninterrupted run
+            rng = torch.load(latest / "rng.pt", weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.seq_pos = state["step"], state["seq_pos"]
         self.log(f"resumed from {latest} at step {self.step}")
 
