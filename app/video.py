@@ -243,8 +243,8 @@ def _check_size(info: VideoInfo) -> None:
 
 
 def _too_long(info: VideoInfo) -> VideoError:
-    return VideoError(f"{info.name} is {info.duration_s / 60:.1f} min long ({info.frames} frames); this tab takes clips "
-                      f"up to {MAX_DURATION_S / 60:.0f} min. Trim the clip and upload it again.")
+    return VideoError(f"{info.name} is {info.duration_s / 60:.1f} min long ({info.frames} frames); this tab takes "
+                      f"clips up to {MAX_DURATION_S / 60:.0f} min. Trim the clip and upload it again.")
 
 
 def _rgb(frame_bgr: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -259,7 +259,8 @@ def _rgb(frame_bgr: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
 
 
-def _scan(path: str | Path, wanted: set[int], max_side: int | None) -> tuple[int, dict[int, np.ndarray], tuple[int, int], float]:
+def _scan(path: str | Path, wanted: set[int],
+          max_side: int | None) -> tuple[int, dict[int, np.ndarray], tuple[int, int], float]:
     """One decoding pass: (frames counted, {index: RGB frame} for `wanted`, (width, height) of frame 0,
     time in ms of the last frame)."""
     cap = _open(path)
@@ -368,7 +369,8 @@ def decode_sampled(path: str | Path, settings: VideoSettings, model_settings: Vi
     if fps <= 0:  # no rate in the container: from the last frame's time stamp
         fps = (total - 1) / (last_ms / 1000.0) if total > 1 and last_ms > 0 else 0.0
         if not (math.isfinite(fps) and fps > 0):
-            raise VideoError(f"{name} does not say its frame rate. Re-encode it (for example as MP4) and upload it again.")
+            raise VideoError(f"{name} does not say its frame rate. Re-encode it (for example as MP4) and upload "
+                             "it again.")
     info = VideoInfo(name, total, fps, w, h, exact=True)
     if info.duration_s > MAX_DURATION_S:
         raise _too_long(info)
@@ -376,7 +378,8 @@ def decode_sampled(path: str | Path, settings: VideoSettings, model_settings: Vi
     if not set(indices.tolist()) <= frames.keys():  # the container's count was off: a second pass
         _, frames, _, _ = _scan(path, set(indices.tolist()), max_side)
         if not set(indices.tolist()) <= frames.keys():
-            raise VideoError(f"{name} could not be decoded to the end (frames missing). Re-encode it and upload it again.")
+            raise VideoError(f"{name} could not be decoded to the end (frames missing). Re-encode it and upload "
+                             "it again.")
     stack = np.stack([frames[i] for i in indices.tolist()])
     model_fps, kept, stamps = _model_view(len(indices), info.duration_s, fps, total, settings,
                                           model_settings or settings)
@@ -550,7 +553,8 @@ class VideoResult:
         }
 
 
-def parse_video_answer(answer: str, clip: ClipSample, task: str = "point", phrase: str = "", prompt: str = "") -> VideoResult:
+def parse_video_answer(answer: str, clip: ClipSample, task: str = "point", phrase: str = "",
+                       prompt: str = "") -> VideoResult:
     """Read a Molmo2 video answer: points / tracks placed on the nearest frame the model saw, in pixels.
 
     Frames are written as timestamps in seconds (a frame written without a decimal point is read as seconds

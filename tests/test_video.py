@@ -297,6 +297,17 @@ def test_the_tab_handlers_turn_refusals_into_gr_errors(clip, bad_files):
     assert h["defaults"](str(clip))[:2] == (64, 2.0)
 
 
+def test_every_event_of_the_tab_is_named_video_and_has_the_task_rule():
+    from app.access import POLICY, TASKS, AccessControl, guard_events
+
+    with gr.Blocks() as demo:
+        create_video_tab(lambda: None)
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert names == {"video_info", "video_defaults", "video_run", "video_run_submit"}
+    guard_events(demo, POLICY, AccessControl())  # raises for an event without a rule
+    assert {fn.fn._molmo_rule for fn in demo.fns.values()} == {TASKS}
+
+
 # ---------------------------------------------------------------------------------------------- a real Molmo2
 
 
