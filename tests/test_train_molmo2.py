@@ -138,6 +138,12 @@ def test_labels_mask_the_prompt(m2):
         assert labels[len(prompt_ids):n].tolist() == answer
         assert tok.decode(answer[:-1]) == t.answer
         assert (batch["attention_mask"][row, n:] == 0).all() and (batch["attention_mask"][row, :n] == 1).all()
+    # padding and batching change nothing: the batch's loss is the sum of the examples' own
+    with torch.no_grad():
+        together = loss_sums(runner.model, batch, 0.0)
+        alone = [loss_sums(runner.model, collate([e], runner.pad_id), 0.0) for e in exs]
+    assert together[2] == sum(a[2] for a in alone)
+    assert abs(float(together[1]) - sum(float(a[1]) for a in alone)) < 1e-3
     # crops of both examples, pooling indices of the second shifted past the first's patches
     p0 = exs[0]["pixel_values"].shape[0] * exs[0]["pixel_values"].shape[1]
     k0 = exs[0]["image_token_pooling"].shape[0]
