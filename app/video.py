@@ -170,15 +170,20 @@ def _looks_like_video_container(path: Path) -> bool:
     return any(head[at:at + len(magic)] == magic for at, magic in _CONTAINER_MAGIC)
 
 
+# Still-image formats PIL identifies (not its "MPEG" identifier, which names a video).
+_STILL_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO", "JPEG2000", "TGA", "DDS", "PCX", "MPO",
+                  "HEIF", "AVIF", "QOI"}
+
+
 def _still_image_format(path: Path) -> str | None:
     """The format name when the file is a single-frame image (PNG, JPEG ...), else None."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            if getattr(im, "n_frames", 1) > 1:  # an animated GIF / WebP plays as a video
-                return None
-            return im.format or "image"
+            if im.format not in _STILL_FORMATS or getattr(im, "n_frames", 1) > 1:
+                return None  # an animated GIF / WebP plays as a video
+            return im.format
     except Exception:  # noqa: BLE001 -- PIL raises many types for non-images
         return None
 
