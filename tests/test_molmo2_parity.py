@@ -9,9 +9,9 @@ pixel values within 1e-6 (they come out bit-identical). transformers' model need
 reference chain's model half (`Molmo2ForConditionalGeneration.from_pretrained` + `generate` on the reference
 inputs) runs here: logits within 1e-4 (fp32, CPU) and the same greedy tokens as our loader + runner.
 
-Both sides run torch with the same number of threads: torch's float bilinear interpolation is not bit-stable
-across thread counts (1-ulp differences flip a few x.5 roundings to the next uint8 level, 1/127.5 after
-normalization), for transformers' processor as much as for ours.
+Ours is computed while the reference subprocess runs. Both sides preprocess with one torch thread: torch's
+float bilinear interpolation is not bit-stable across thread counts (1-ulp differences flip a few x.5
+roundings to the next uint8 level, 1/127.5 after normalization), for transformers' processor as for ours.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 REF_TORCHVISION = ROOT / ".ref" / "torchvision"
 PIXEL_TOL = 1e-6
 LOGIT_TOL = 1e-4
+# One torch thread on both sides: results do not depend on the machine's core count, and the two processes
+# run side by side on two cores without oversubscribing them.
+REF_THREADS = 1
 MODEL_KEYS = ("rendered", "seconds")  # reference entries that are not processor outputs
 
 
@@ -209,43 +212,68 @@ def build_cases(ckpts: dict, media) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(ckpts, media, tmp_path_factory):
-    """Run transformers' processor on every case in one subprocess (tests/molmo2_reference.py); returns the
-    cases, the folder of per-case results and the thread count both sides use."""
-    if not (REF_TORCHVISION / "torchvision").is_dir():
-        pytest.skip(f"the test-only torchvision is not in {REF_TORCHVISION}: run `scripts/setup.sh --test` "
-                    "(it installs torchvision==0.28.0 there with --no-deps --target, never into .venv)")
-    cases = build_cases(ckpts, media)
-    out = tmp_path_factory.mktemp("m2ref")
-    spec = out / "spec.json"
-    spec.write_text(json.dumps({"cases": cases, "threads": torch.get_num_threads()}))
-    env = dict(os.environ, PYTHONPATH=str(REF_TORCHVISION), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "molmo2_reference.py"), str(spec), str(out)],
-                       env=env, cwd=str(out), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"reference subprocess failed:\n{r.stderr[-4000:]}"
-    done = json.loads((out / "done.json").read_text())
-    assert done == {"cases": len(cases), "processor": "Molmo2Processor"}
-    return {"cases": cases, "dir": out, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
-
-
-@pytest.fixture(scope="module")
 def runners(ckpts):
     from molmo_core.molmo2 import load_molmo2
 
-    rs = {s: load_molmo2(ckpts[s], device="cpu") for s in ("a", "b")}
-    yield rs
-    for r in rs.values():
-        r.close()
+    return {s: load_molmo2(ckpts[s], device="cpu") for s in ("a", "b")}  # tiny: no close() (a gc pass each)
+
+
+@contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def ours(runner, case: dict):
+    """Our processor on a case, single-threaded like the reference subprocess."""
+    with threads(REF_THREADS):
+        return _ours(runner, case)
+
+
+def _ours(runner, case: dict):
     images = [Image.open(p) for p in case.get("images", [])]
     video = case.get("video")
     video = Video(np.load(video["npy"]), video["fps"]) if video else None
     return runner.processor(case["prompt"], images=images or None, video=video,
                             history=[tuple(t) for t in case.get("history", [])], max_crops=case.get("max_crops"),
                             template=case.get("template", "role"))
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts, media, runners, tmp_path_factory):
+    """Run transformers' processor on every case in one subprocess (tests/molmo2_reference.py) and, while it
+    runs, ours on the same cases in this process (both with the same thread count); returns the cases and
+    the folders of per-case results."""
+    if not (REF_TORCHVISION / "torchvision").is_dir():
+        pytest.skip(f"the test-only torchvision is not in {REF_TORCHVISION}: run `scripts/setup.sh --test` "
+                    "(it installs torchvision==0.28.0 there with --no-deps --target, never into .venv)")
+    cases = build_cases(ckpts, media)
+    out = tmp_path_factory.mktemp("m2ref")
+    mine = out / "ours"
+    mine.mkdir()
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"cases": cases, "threads": REF_THREADS}))
+    env = dict(os.environ, PYTHONPATH=str(REF_TORCHVISION), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    log = out / "reference.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "molmo2_reference.py"), str(spec), str(out)],
+                                env=env, cwd=str(out), stdout=err, stderr=subprocess.STDOUT)
+        try:
+            for case in cases:
+                if case["size"] in runners:
+                    x = ours(runners[case["size"]], case)
+                    torch.save({"tensors": x.tensors, "prompt": x.prompt, "text": x.text,
+                                "timestamps": x.timestamps}, mine / f"{case['name']}.pt")
+        finally:
+            rc = proc.wait(timeout=600)
+    assert rc == 0, f"reference subprocess failed:\n{log.read_text()[-4000:]}"
+    done = json.loads((out / "done.json").read_text())
+    assert done == {"cases": len(cases), "processor": "Molmo2Processor"}
+    return {"cases": cases, "dir": out, "ours": mine}
 
 
 def load_ref(reference, case) -> dict:
@@ -263,7 +291,7 @@ def compare(mine: dict, ref: dict) -> dict[str, float]:
         assert a.dtype == b.dtype, f"{k}: dtype {a.dtype} vs {b.dtype}"
         assert a.shape == b.shape, f"{k}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
         if a.dtype.is_floating_point:
-            d = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+            d = 0.0 if torch.equal(a, b) else float((a.double() - b.double()).abs().max())
             assert d <= PIXEL_TOL, f"{k}: max |diff| {d:.3g} > {PIXEL_TOL}"
             diffs[k] = d
         else:
@@ -277,12 +305,11 @@ def check_group(reference, runners, group: str, size: str) -> list[dict]:
     for case in reference["cases"]:
         if case["group"] != group or case["size"] != size:
             continue
-        torch.set_num_threads(reference["threads"])
-        x = ours(runners[size], case)
+        x = torch.load(reference["ours"] / f"{case['name']}.pt", weights_only=False)
         ref = load_ref(reference, case)
         try:
-            results.append({"case": case["name"], **compare(x.tensors, ref), "prompt": x.prompt, "text": x.text,
-                            "timestamps": x.timestamps, "rendered": ref["rendered"],
+            results.append({"case": case["name"], **compare(x["tensors"], ref), "prompt": x["prompt"],
+                            "text": x["text"], "timestamps": x["timestamps"], "rendered": ref["rendered"],
                             "frames": int(ref["video_grids"][0, 0]) if "video_grids" in ref else None})
         except AssertionError as e:
             failures.append(f"{case['name']}: {e}")
@@ -356,7 +383,6 @@ def test_model_logits_and_greedy_tokens_match(reference, runners, reference_mode
     assert len(cases) == 4
     worst = 0.0
     for case in cases:
-        torch.set_num_threads(reference["threads"])
         x = ours(runner, case)
         ref = load_ref(reference, case)
         compare(x.tensors, ref)
