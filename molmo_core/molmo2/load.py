@@ -222,7 +222,7 @@ def load_molmo2(source: str | os.PathLike, quantize: str | None = None, device: 
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"Could not load the tokenizer in {path}: {e}") from e
     if progress:

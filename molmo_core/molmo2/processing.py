@@ -475,7 +475,7 @@ class Molmo2Preprocessor:
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         return cls(tokenizer, image, video, tokens, read_chat_template(path, tokenizer), max_length)
 
     # ---------------------------------------------------------------- pieces
