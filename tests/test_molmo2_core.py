@@ -140,6 +140,20 @@ def test_legacy_settings_layout_falls_back_like_transformers(m2, tmp_path):
     assert P.read_processor_settings(tmp_path) == (P.ImageSettings(), P.VideoSettings(), P.TokenSettings())
 
 
+def test_runs_without_torchvision(runner):
+    """The point of this package: .venv, like a user's fresh CPU install, has no torchvision."""
+    import importlib.util
+    import sys
+
+    assert runner.generate(rgb(40, 50), "hi", max_new_tokens=2) is not None
+    assert "torchvision" not in sys.modules
+    if importlib.util.find_spec("torchvision") is None:
+        from transformers import Molmo2ImageProcessor
+
+        with pytest.raises(ImportError, match="Torchvision"):
+            Molmo2ImageProcessor()  # transformers' own processor cannot run here
+
+
 # ----------------------------------------------------------------------------------------- interface
 def test_runner_offers_the_v1_runner_methods_with_compatible_arguments():
     from molmo_core.api import MolmoRunner
