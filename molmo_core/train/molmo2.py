@@ -20,15 +20,19 @@ What it does, step by step (one process; several processes, FSDP and --mode full
     recipe), gradient accumulation, per-component clipping, linear warmup + cosine (`recipe.make_scheduler`),
     loss = CE (+ z-loss) summed over the answer tokens of the step / their number;
   * files under OUT: metrics.jsonl (step, loss, lr, lr_connector, lr_vit, tokens_per_s, loss_tokens, grad_norm_*,
-    elapsed_s, eta_s; eval lines eval_loss and eval_{task}_* for held-out point / count / clock questions), loss.png, checkpoints/step-N (adapter, optimizer, scheduler, state;
-    `latest` points at the newest, resumed by --resume auto), adapter/ (peft `save_pretrained`), final/ (the base
-    in `export_dtype`, unquantized, with the adapter merged, `save_pretrained`, plus the base's tokenizer,
-    processor and chat-template files and finetune.json), which `load_molmo2(OUT/final)` and the app load.
+    elapsed_s, eta_s; eval lines: eval_loss, and eval_{task}_* for held-out point / count / clock questions),
+    loss.png, checkpoints/step-N (adapter, optimizer, scheduler, RNG state; `latest` points at the newest,
+    resumed by --resume auto), adapter/ (peft `save_pretrained`), final/ (the base in `export_dtype`,
+    unquantized, with the adapter merged, `save_pretrained`, plus the base's tokenizer, processor and
+    chat-template files and finetune.json), which `load_molmo2(OUT/final)` and the app load.
 
-Text-only dropout (--response-dropout) acts on the language model's residual branches at answer positions, as
-in the v1 recipe. Not carried over from the v1 trainer (yet): sequence packing of several annotations of one image
-(each annotation is its own example, the image encoded again), DDP / FSDP. Held-out point / count / clock questions are answered greedily through
-the runner and scored in Molmo2's format (eval_point_f1, eval_count_accuracy, eval_clock_overall_exact, ...).
+Text-only dropout (--response-dropout) acts on the language model's residual branches at answer positions, as in
+the v1 recipe. Held-out point / count / clock questions are answered greedily through the runner and scored in
+Molmo2's format (eval_point_f1, eval_count_accuracy, eval_clock_overall_exact, ...). Ignored for Molmo2:
+--prompt-format, --hint-prob / --hint-noise-chars (Molmo2 has no captioner format or length hint). Not carried
+over from the v1 trainer (yet): sequence packing of several annotations of one image (each annotation is its own
+example, the image encoded again), DDP / FSDP, full fine-tuning; OUT/final keeps the base's processor settings
+(a run with fewer --max-crops is loaded with the base's max_crops; finetune.json records the trained value).
 """
 
 from __future__ import annotations
