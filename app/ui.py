@@ -1,12 +1,14 @@
 """`build_demo(service) -> gr.Blocks`: layout and wiring only. The work is in `handlers.py`.
 
-Tabs: Model, Point & Count, Clock, Ask, Caption, and (when their modules import) Annotate, Train and Eval.
+Tabs: Model, Point & Count, Clock, Ask, Caption, Video (Molmo2), Annotate, Train, Eval, Review and Admin;
+which ones a signed-in user sees, and which events they may run, is `app.access` (TAB_RULES, POLICY).
 Every event has an `api_name`, so `gradio_client` can drive the app:
 `/point`, `/count`, `/read_clock`, `/ask`, `/caption` (image + text -> answer text + parsed JSON),
 `/point_multi`, `/count_multi` (several images + text, Molmo2 -> answer + points per image) and
 `/render_point_multi`, `/render_count_multi` (one overlay per image, table with an image column),
 `/load_model`, `/status`; the Eval tab's `/eval_start`, `/eval_status`, `/eval_stop`, `/eval_example`,
-`/eval_prev`, `/eval_next`.
+`/eval_prev`, `/eval_next`; the Video tab's `/video_*`, the Annotate tab's `/annotate_*`, the Review tab's
+`/review_*` and the Admin tab's `/admin_*`.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from .review_tab import create_review_tab
 from .service import MolmoService
 from .tempfiles import GRADIO_DELETE_CACHE, temp_dir
 from .train_tab import create_train_tab
+from .video_tab import create_video_tab
 
 log = logging.getLogger("molmo_studio")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-TAB_IDS = ("model", "point", "clock", "ask", "caption", "annotate", "train", "eval", "review", "admin")
+TAB_IDS = ("model", "point", "clock", "ask", "caption", "video", "annotate", "train", "eval", "review", "admin")
 # Who sees which tab (cosmetic: the guard in app.access enforces the same rules on every event).
-TAB_RULES = {"model": ADMIN, "point": TASKS, "clock": TASKS, "ask": TASKS, "caption": TASKS,
+TAB_RULES = {"model": ADMIN, "point": TASKS, "clock": TASKS, "ask": TASKS, "caption": TASKS, "video": TASKS,
              "annotate": ANNOTATOR, "train": ADMIN, "eval": ADMIN, "review": ADMIN, "admin": ADMIN}
 HUB_CHOICES = ["allenai/Molmo-7B-D-0924", "allenai/Molmo-7B-O-0924", "allenai/MolmoE-1B-0924",
                "allenai/Molmo-72B-0924", "allenai/Molmo2-4B", "allenai/Molmo2-8B", "allenai/Molmo2-O-7B"]
@@ -360,6 +363,8 @@ def build_demo(service: MolmoService, *, default_tab: str | None = None, annotat
                 _ask_tab(h, point_examples)
             with gr.Tab("Caption", id="caption", visible=_visible(control, "caption")) as tabs["caption"]:
                 _caption_tab(h, point_examples)
+            with gr.Tab("Video", id="video", visible=_visible(control, "video")) as tabs["video"]:
+                create_video_tab(service.get_runner)
             with gr.Tab("Annotate", id="annotate") as tabs["annotate"]:
                 gr.HTML(INSECURE_MIC_HTML, elem_id="annotate_insecure")
                 create_annotate_tab(annotate_dir, service.get_runner, roots=roots)

@@ -152,7 +152,7 @@ ADMIN_EVENTS = ("load_model", "train_start", "train_poll", "train_load", "eval_s
                 "admin_create_project_folder", "admin_create_project_upload", "admin_audit",
                 "annotate_pick_asr_model", "review_next", "review_accept", "review_edit_accept", "review_reject",
                 "review_stats", "review_export")
-TASK_EVENTS = ("point", "count", "read_clock", "caption", "ask")
+TASK_EVENTS = ("point", "count", "read_clock", "caption", "ask", "point_multi", "count_multi", "video_run")
 
 
 def test_every_event_runs_behind_the_guard(server):
