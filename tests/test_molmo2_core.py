@@ -19,6 +19,11 @@ from molmo_core.molmo2 import processing as P
 from molmo_core.molmo2.tiny import CHAT_TEMPLATE, IMAGE_SPECIALS, TEXT_VOCAB, write_tiny_molmo2
 
 
+# one torch thread (conftest's one_thread): the tiny models gain nothing from two, and on two shared cores an
+# oversubscribed second thread made these tests up to 10x slower
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def m2(tmp_path_factory):
     root = tmp_path_factory.mktemp("m2core")

@@ -31,7 +31,9 @@ from PIL import Image
 
 from molmo_core.molmo2.processing import Video
 
-pytestmark = pytest.mark.parity
+# one torch thread (conftest's one_thread): the tiny models gain nothing from two, and on two shared cores an
+# oversubscribed second thread made these tests up to 10x slower
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_TORCHVISION = ROOT / ".ref" / "torchvision"
