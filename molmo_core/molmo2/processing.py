@@ -218,7 +218,7 @@ def resize_normalize(images: torch.Tensor, height: int, width: int, s: ImageSett
     if tuple(x.shape[-2:]) != (height, width):
         x = F.interpolate(x.float(), size=[height, width], mode=RESAMPLE_MODES[s.resample], align_corners=False,
                           antialias=False)
-        x = x.round().clamp(0, 255)
+        x = x.round_().clamp_(0, 255)
     x = x.to(torch.float32)
     if s.do_rescale and s.do_normalize:
         mean = torch.tensor(s.image_mean) * (1.0 / s.rescale_factor)
@@ -231,11 +231,22 @@ def resize_normalize(images: torch.Tensor, height: int, width: int, s: ImageSett
     return x
 
 
-def patchify(crops: torch.Tensor, patch: int) -> torch.Tensor:
-    """[N, 3, S, S] -> [N, (S/patch)^2, patch*patch*3], patches row-major, each patch (y, x, channel)."""
-    n, c, h, w = crops.shape
-    x = crops.permute(0, 2, 3, 1).reshape(n, h // patch, patch, w // patch, patch, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(n, (h // patch) * (w // patch), patch * patch * c)
+def patch_view(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """A view of [..., C, S, S] images as [..., S/patch, S/patch, patch, patch, C]: patches row-major, each patch
+    (y, x, channel). Copying it into a [..., (S/patch)^2, patch*patch*C] tensor is the only copy patchifying
+    needs."""
+    *lead, c, h, w = images.shape
+    x = images.reshape(*lead, c, h // patch, patch, w // patch, patch)
+    k = len(lead)
+    return x.permute(*range(k), k + 1, k + 3, k + 2, k + 4, k)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, C, S, S] -> [N, (S/patch)^2, patch*patch*C]."""
+    n, c, h, w = images.shape
+    out = torch.empty((n, (h // patch) * (w // patch), patch * patch * c), dtype=images.dtype)
+    out.view(n, h // patch, w // patch, patch, patch, c).copy_(patch_view(images, patch))
+    return out
 
 
 @dataclass
@@ -253,13 +264,15 @@ def image_features(rgb: np.ndarray, s: ImageSettings, max_crops: int | None = No
     img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()[None]
     geo = crop_geometry(h, w, s, max_crops)
     (th, tw), (ch, cw), step = geo.tiling, geo.canvas, geo.window
-    canvas = resize_normalize(img, ch, cw, s)[0]
-    crops = [canvas[:, i * step:i * step + s.crop_size, j * step:j * step + s.crop_size]
-             for i in range(th) for j in range(tw)]
+    cp, p = s.crop_size // s.patch_size, s.patch_size
+    patches = torch.empty((1 + th * tw, cp * cp, p * p * 3))
     small = resize_normalize(img, s.crop_size, s.crop_size, s)[0]
-    patches = patchify(torch.stack([small] + crops), s.patch_size)
+    patches[0].view(cp, cp, p, p, 3).copy_(patch_view(small, p))
+    canvas = resize_normalize(img, ch, cw, s)[0]
+    # [3, th, tw, crop, crop]: the overlapping crops as a view of the canvas, copied once into the patches
+    crops = canvas.unfold(1, s.crop_size, step).unfold(2, s.crop_size, step)
+    patches[1:].view(th, tw, cp, cp, p, p, 3).copy_(patch_view(crops.permute(1, 2, 0, 3, 4), p))
 
-    cp = s.crop_size // s.patch_size
     pool_h, pool_w = s.pooling_size
     lo = pool_windows(np.arange(cp * cp, dtype=np.int32).reshape(cp, cp), pool_h, pool_w)
     hi_grid = stitched_patch_grid((th, tw), cp, s.overlap_margins)
@@ -512,7 +525,7 @@ class Molmo2Preprocessor:
             pooled.append(np.where(f.pooling >= 0, f.pooling + offset, -1))
             offset += f.patches.shape[0] * f.patches.shape[1]
         tensors = {
-            "pixel_values": torch.cat([f.patches for f in feats]),
+            "pixel_values": feats[0].patches if len(feats) == 1 else torch.cat([f.patches for f in feats]),
             "image_token_pooling": torch.from_numpy(np.concatenate(pooled).astype(np.int32)),
             "image_grids": torch.tensor([f.grid for f in feats], dtype=torch.int64),
             "image_num_crops": torch.tensor([f.patches.shape[0] for f in feats], dtype=torch.int64),
