@@ -240,3 +240,29 @@ def test_held_out_questions_are_scored_in_molmo2_format():
     assert perfect["eval_point_f1"] == perfect["eval_count_accuracy"] == perfect["eval_clock_overall_exact"] == 1.0
     wrong = summarize(score_molmo2(items, ["There are none."] * len(items)))
     assert wrong["eval_point_recall"] == 0.0
+
+
+def test_the_app_loads_the_adapter_folder_and_the_merged_model(trained):
+    """OUT/adapter and OUT/final load through the app's one entry (and its service) as the trained model."""
+    import molmo_core
+    from app.service import MolmoService
+
+    trainer, _, root = trained
+    final, adapter = root / "run" / "final", root / "run" / "adapter"
+    image, prompt = root / "data" / "0.png", "long_caption: Describe this image."
+    trainer.model.eval()
+    in_memory = logits_of(trainer.model, trainer.runner, image, prompt)
+    from molmo_core.api import family_of
+
+    assert family_of(adapter) == "molmo2" and family_of(final) == "molmo2"
+    from_adapter = molmo_core.load(adapter, device="cpu")
+    assert "LoRA on" in from_adapter.name and from_adapter.family == "molmo2"
+    assert (logits_of(from_adapter.model, from_adapter, image, prompt) - in_memory).abs().max() < 1e-4
+    from_adapter.close()
+    service = MolmoService(device="cpu")
+    for folder in (adapter, final):
+        service.load(str(folder), None, 8, wait=True)
+        st = service.status()
+        assert st.loaded and st.family == "molmo2", st
+        assert service.caption(str(image), "long_caption", None).answer.strip()
+    service.unload()

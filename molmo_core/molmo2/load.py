@@ -78,6 +78,9 @@ def model_family(path: str | os.PathLike) -> str:
         CheckpointError: no config.json, unreadable, or a config of another model.
     """
     p = Path(path).expanduser()
+    base = adapter_base(p)
+    if base is not None:  # a LoRA adapter folder (the trainer's OUT/adapter): the family of its base
+        return model_family(base)
     if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -88,6 +91,39 @@ def model_family(path: str | os.PathLike) -> str:
             raise CheckpointError(f"{path} is not in the local hub cache, so its family is unknown. "
                                   + _hint(str(path))) from e
     return family_of_config(read_config(p))
+
+
+def adapter_base(path: str | os.PathLike) -> str | None:
+    """The base checkpoint of a LoRA adapter folder (peft's adapter_config.json, no config.json), else None."""
+    p = Path(path).expanduser()
+    if not (p / "adapter_config.json").is_file() or (p / "config.json").is_file():
+        return None
+    try:
+        base = json.loads((p / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p / 'adapter_config.json'} cannot be read ({e}).") from e
+    if not base:
+        raise CheckpointError(f"{p / 'adapter_config.json'} names no base_model_name_or_path; load the merged "
+                              "model (the trainer's OUT/final) instead.")
+    return str(base)
+
+
+def _load_with_adapter(adapter: Path, base: str, quantize, device, dtype, max_crops, progress):
+    """The base loaded as usual, the adapter applied with peft; merged into the weights unless the base is
+    quantized (a QLoRA adapter then runs on the 4-bit base it was trained with: the exact trained model)."""
+    from peft import PeftModel
+
+    runner = load_molmo2(base, quantize, device, dtype=dtype, max_crops=max_crops, progress=progress)
+    if progress:
+        progress(0.95, f"Applying the adapter {adapter.name}...")
+    try:
+        model = PeftModel.from_pretrained(runner.model, str(adapter))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        runner.close()
+        raise CheckpointError(f"The adapter in {adapter} does not fit its base {base}: {type(e).__name__}: {e}") from e
+    runner.model = (model if quantize else model.merge_and_unload()).eval()
+    runner.name, runner.path = f"{adapter.name} (LoRA on {Path(base).name})", adapter
+    return runner
 
 
 # ----------------------------------------------------------------------------------------- locating
@@ -208,6 +244,9 @@ def load_molmo2(source: str | os.PathLike, quantize: str | None = None, device: 
 
     if quantize not in QUANTIZE:
         raise CheckpointError(f"quantize must be None, '8bit' or '4bit'; got {quantize!r}.")
+    base = adapter_base(source)
+    if base is not None:
+        return _load_with_adapter(Path(source), base, quantize, device, dtype, max_crops, progress)
     path = resolve_molmo2(source, progress)
     family = family_of_config(read_config(path))
     if family != "molmo2":
