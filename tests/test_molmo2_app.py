@@ -263,3 +263,22 @@ def test_app_loads_molmo2_then_points_in_one_and_several_images_and_v1_refuses(m
         assert result["family"] == "molmo" and len(result["images"]) == 1
         client.close()
     service.unload()
+
+
+def test_more_images_than_allowed_or_than_fit_are_refused_and_the_next_request_works(m2_service, pics):
+    from app.service import MAX_IMAGES
+
+    service = m2_service
+    with pytest.raises(MolmoInputError, match=f"at most {MAX_IMAGES}"):
+        service.point_multi([str(pics[0])] * (MAX_IMAGES + 1), "dots")
+    runner = service.get_runner()
+    context = runner.processor.max_length
+    one = runner.process([str(pics[0])], "Point to the dots.").length
+    runner.processor.max_length = 2 * one  # a small context: three images do not fit, one does
+    try:
+        with pytest.raises(MolmoInputError, match="context holds"):
+            service.point_multi([str(p) for p in pics[:3]], "dots")
+        assert service.point_multi([str(pics[0])], "dots").answer is not None
+    finally:
+        runner.processor.max_length = context
+    assert len(service.point_multi([str(p) for p in pics[:3]], "dots").images) == 3
