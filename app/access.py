@@ -294,13 +294,21 @@ class AccessControl:
             self._audit(user, event, "refused")
             who = "admins" if rule == ADMIN else "admins (and annotators, when an admin allows the task tabs)"
             raise AccessDenied(f"{user.name if user else 'You'} may not do this ({event}): only {who} may.")
-        if rule == ADMIN:
+        if rule == ADMIN and not _reads_only(event):
             self._audit(user, event, "allowed")
         return user
 
     def _audit(self, user: User | None, event: str, outcome: str) -> None:
         if self.audit is not None:
             self.audit.write(user.name if user else None, event, outcome)
+
+
+# Admin events that only read (timers polling a run, browsing results): not worth an audit line each.
+READ_ONLY = re.compile(r"(poll|status|refresh|example|prev|next|stats|audit|projects|skip|defaults|info)")
+
+
+def _reads_only(event: str) -> bool:
+    return bool(READ_ONLY.search(event))
 
 
 def _denied(message: str) -> Exception:

@@ -73,6 +73,28 @@ def test_rules_allow_what_each_role_may_do():
     assert rule_for("render_point", POLICY) == TASKS and rule_for("nothing_like_it", POLICY) is None
 
 
+def test_audit_log_keeps_admin_actions_and_refusals_not_polls(tmp_path):
+    from types import SimpleNamespace
+
+    from app.audit import AuditLog
+
+    acc = Accounts(tmp_path / "users.json", scrypt_n=FAST_N)
+    acc.add("ada", "admin", "ada-password-1")
+    acc.add("ben", "annotator", "ben-password-1")
+    control = AccessControl(acc, audit=AuditLog(tmp_path / "audit.jsonl"))
+    ada, ben = SimpleNamespace(username="ada"), SimpleNamespace(username="ben")
+    for event in ("train_poll", "eval_status", "load_model", "train_start"):
+        control.check(ada, ADMIN, event)
+    with pytest.raises(Exception):
+        control.check(ben, ADMIN, "train_poll")
+    with pytest.raises(Exception):
+        control.check(SimpleNamespace(username=None), ANNOTATOR, "annotate_save")
+    lines = [(a["user"], a["action"], a["outcome"]) for a in control.audit.tail()]
+    assert lines == [("ada", "load_model", "allowed"), ("ada", "train_start", "allowed"),
+                     ("ben", "train_poll", "refused"), (None, "annotate_save", "refused: not signed in")]
+    assert "ada-password-1" not in (tmp_path / "audit.jsonl").read_text()
+
+
 def test_roots_refuse_paths_that_lead_out(tmp_path):
     data, outside = tmp_path / "data", tmp_path / "outside"
     (data / "proj").mkdir(parents=True)
