@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..weights import load_torch_file
 from .data import Annotation, Record, load_records, split_records
 from .loop import CHECKPOINTS, LATEST, TrainError, TrainResult
 from .recipe import TrainArgs, clip_per_component, make_optimizer, make_scheduler
@@ -796,11 +797,10 @@ class Molmo2Trainer:
 
         weights = load_file(str(latest / "adapter" / "adapter_model.safetensors"), device=str(self.device))
         set_peft_model_state_dict(self.model, weights)
-        self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
-        self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        self.optimizer.load_state_dict(load_torch_file(latest / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(load_torch_file(latest / "scheduler.pt"))
         if (latest / "rng.pt").is_file():  # text-only dropout continues as in an uninterrupted run
-            rng = torch.load(latest / "rng.pt", weights_only=True)
+            rng = load_torch_file(latest / "rng.pt")
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
