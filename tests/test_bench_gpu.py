@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # 80-120 s on 2 cores: CI runs it after the default set
 def test_gpu_bench_dry_run_runs_every_section(tmp_path):
     out = tmp_path / "gpu"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--out", str(out)], cwd=ROOT,

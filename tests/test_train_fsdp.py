@@ -146,6 +146,7 @@ def test_fsdp_matches_single_process_and_writes_full_checkpoints(ckpt, data, tmp
                                       template="none"), str)
 
 
+@pytest.mark.extended  # 100 s on 2 cores: CI runs it after the default set
 def test_fsdp_resume_after_sigkill_matches_uninterrupted(ckpt, data, tmp_path):
     """Dropout and activation checkpointing on; both workers SIGKILLed after step 5, started again under FSDP."""
     train, _ = data
