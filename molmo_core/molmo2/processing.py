@@ -611,6 +611,23 @@ class Molmo2Preprocessor:
         return Molmo2Inputs(out, expanded, text, sizes, stamps)
 
 
+def batch_images(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The image tensors of several single-example inputs as one batch, as transformers' processor batches
+    them: crops concatenated in order, pooling indices shifted past the earlier examples' patches ({} when no
+    example has an image)."""
+    imgs = [e for e in examples if "pixel_values" in e]
+    if not imgs:
+        return {}
+    pooled, offset = [], 0
+    for e in imgs:
+        p = e["image_token_pooling"]
+        pooled.append(torch.where(p >= 0, p + offset, p))
+        offset += e["pixel_values"].shape[0] * e["pixel_values"].shape[1]
+    return dict(pixel_values=torch.cat([e["pixel_values"] for e in imgs]), image_token_pooling=torch.cat(pooled),
+                image_grids=torch.cat([e["image_grids"] for e in imgs]),
+                image_num_crops=torch.cat([e["image_num_crops"] for e in imgs]))
+
+
 def read_chat_template(path: Path, tokenizer=None) -> str | None:
     """The checkpoint's chat template: chat_template.jinja, else chat_template.json / the processor or
     tokenizer config's "chat_template", else what the tokenizer loaded; None when there is none."""

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import ModelUnloadedError
 from ..generation import TextStreamer
-from .processing import Molmo2Inputs, Molmo2Preprocessor, Video
+from .processing import Molmo2Inputs, Molmo2Preprocessor, Video, batch_images
 
 _END = object()
 
@@ -279,15 +279,5 @@ def collate(items: list[Molmo2Inputs], pad_id: int) -> dict[str, torch.Tensor]:
 
     batch = {"input_ids": left_pad("input_ids", pad_id), "attention_mask": left_pad("attention_mask", 0),
              "mm_token_type_ids": left_pad("mm_token_type_ids", 0)}
-    with_images = [x for x in items if "pixel_values" in x.tensors]
-    if with_images:
-        pooled, offset = [], 0
-        for x in with_images:
-            p = x["image_token_pooling"]
-            pooled.append(torch.where(p >= 0, p + offset, p))
-            offset += x["pixel_values"].shape[0] * x["pixel_values"].shape[1]
-        batch.update(pixel_values=torch.cat([x["pixel_values"] for x in with_images]),
-                     image_token_pooling=torch.cat(pooled),
-                     image_grids=torch.cat([x["image_grids"] for x in with_images]),
-                     image_num_crops=torch.cat([x["image_num_crops"] for x in with_images]))
+    batch.update(batch_images([x.tensors for x in items]))
     return batch

@@ -11,9 +11,11 @@ and renamed into place, so an interrupted export never leaves a half-written `fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -75,26 +77,16 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def export_model(state: dict[str, torch.Tensor], base: str | Path, out: str | Path,
-                 dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
-    """Write a plain, unquantized Molmo's full state dict (our names) to `out` in the official format, with the
-    base checkpoint's support files; returns `out`.
-
-    Raises:
-        OSError: the disk is full or not writable (the previous `out`, if any, is left untouched).
-    """
-    base_path = resolve_checkpoint(str(base))
-    out = Path(out)
+@contextlib.contextmanager
+def written_atomically(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; when the block ends without an error it is fsynced and renamed to
+    `out` (a previous `out` is replaced only then); otherwise it is removed and `out` is left untouched."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        copy_support_files(base_path, tmp)
-        save_weights({official_key(k): v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-                      for k, v in state.items()}, tmp)
-        if extra:
-            (tmp / "finetune.json").write_text(json.dumps(extra, indent=2, default=str))
+        yield tmp
         _fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -106,6 +98,24 @@ def export_model(state: dict[str, torch.Tensor], base: str | Path, out: str | Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(state: dict[str, torch.Tensor], base: str | Path, out: str | Path,
+                 dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
+    """Write a plain, unquantized Molmo's full state dict (our names) to `out` in the official format, with the
+    base checkpoint's support files; returns `out`.
+
+    Raises:
+        OSError: the disk is full or not writable (the previous `out`, if any, is left untouched).
+    """
+    base_path = resolve_checkpoint(str(base))
+    out = Path(out)
+    with written_atomically(out) as tmp:
+        copy_support_files(base_path, tmp)
+        save_weights({official_key(k): v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                      for k, v in state.items()}, tmp)
+        if extra:
+            (tmp / "finetune.json").write_text(json.dumps(extra, indent=2, default=str))
     return out
 
 

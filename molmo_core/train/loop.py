@@ -140,8 +140,103 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
+# ----------------------------------------------------------------------------------------- run bookkeeping
+class RunFiles:
+    """What every trainer (Molmo v1 here, Molmo2 in molmo2.py) does the same way around its loop: run(),
+    the step log line and metrics.jsonl, loss.png, stop signals, and where checkpoints live. Subclasses
+    set `args`, `out`, `log`, `step`, `max_steps`, `rank` and `stop_requested`, and define setup(), fit()
+    and export()."""
+
+    def _record_eval(self, result: TrainResult, ev: dict[str, float]) -> None:
+        result.eval_losses.append((self.step, ev["eval_loss"]))
+        tasks = {k: v for k, v in ev.items() if k != "eval_loss"}
+        if tasks:
+            result.eval_metrics.append((self.step, tasks))
+
+    def run(self) -> TrainResult:
+        """setup() + fit() + export() (when args.export)."""
+        self.setup()
+        result = self.fit()
+        if self.args.export:
+            result.final, result.adapter = self.export()
+        return result
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, m: dict) -> None:
+        if self.rank != 0:
+            return
+        eta = time.strftime("%H:%M:%S", time.gmtime(m["eta_s"]))
+        line = (f"step {m['step']:>6}/{self.max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+                f"{m['tokens_per_s']:,.0f} tok/s  eta {eta}")
+        if "eval_loss" in m:
+            line += f"  eval {m['eval_loss']:.4f}"
+            tasks = format_metrics(m)
+            line += f" ({tasks})" if tasks else ""
+        self.log(line)
+        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s")
+        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith(("grad_norm_", "eval_"))})
+
+    def _open_metrics(self) -> None:
+        if self.rank != 0:
+            return
+        path = self.out / "metrics.jsonl"
+        if path.exists():  # drop lines written after the checkpoint we resumed from, and a half-written last one
+            kept = [ln for ln in path.read_text(errors="replace").splitlines() if _metrics_step(ln) <= self.step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self._metrics_file = open(path, "a", encoding="utf-8")
+
+    def _write_metrics(self, m: dict) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(m) + "\n")
+            self._metrics_file.flush()
+
+    def _close_metrics(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+
+    def plot(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        from .plot import plot_metrics
+
+        try:
+            return plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+        except OSError as e:
+            self.log(f"warning: could not write loss.png ({e})")
+            return None
+
+    # ------------------------------------------------------------------ stop signals
+    def _install_signal_handlers(self) -> None:
+        self._old_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, h in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, h)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / CHECKPOINTS
+
+    def _latest_dir(self) -> Path | None:
+        p = self.ckpt_root / LATEST
+        if not p.is_file():
+            return None
+        d = self.ckpt_root / p.read_text().strip()
+        return d if (d / "state.json").is_file() else None
+
+
 # ----------------------------------------------------------------------------------------- trainer
-class Trainer:
+class Trainer(RunFiles):
     """One fine-tune. `setup()` loads the model, data and optimizer (and resumes), `fit()` runs the loop,
     `export()` writes out/final. Whether this is one process, DDP or FSDP is decided once in `setup()`:
     `self.dist` (see `dist.py`) wraps the model, runs the backward and the collectives."""
@@ -425,97 +520,10 @@ class Trainer:
         self.plot()
         return result
 
-    def _record_eval(self, result: TrainResult, ev: dict[str, float]) -> None:
-        result.eval_losses.append((self.step, ev["eval_loss"]))
-        tasks = {k: v for k, v in ev.items() if k != "eval_loss"}
-        if tasks:
-            result.eval_metrics.append((self.step, tasks))
-
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: a signal may reach one process only, every rank stops alike."""
         (stops,) = self.dist.all_reduce([float(self.stop_requested)])
         return stops > 0
-
-    def run(self) -> TrainResult:
-        """setup() + fit() + export() (when args.export)."""
-        self.setup()
-        result = self.fit()
-        if self.args.export:
-            result.final, result.adapter = self.export()
-        return result
-
-
-    # ------------------------------------------------------------------ logging
-    def _log_step(self, m: dict) -> None:
-        if self.rank != 0:
-            return
-        eta = time.strftime("%H:%M:%S", time.gmtime(m["eta_s"]))
-        line = (f"step {m['step']:>6}/{self.max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-                f"{m['tokens_per_s']:,.0f} tok/s  eta {eta}")
-        if "eval_loss" in m:
-            line += f"  eval {m['eval_loss']:.4f}"
-            tasks = format_metrics(m)
-            line += f" ({tasks})" if tasks else ""
-        self.log(line)
-        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s")
-        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith(("grad_norm_", "eval_"))})
-
-    def _open_metrics(self) -> None:
-        if self.rank != 0:
-            return
-        path = self.out / "metrics.jsonl"
-        if path.exists():  # drop lines written after the checkpoint we resumed from, and a half-written last one
-            kept = [ln for ln in path.read_text(errors="replace").splitlines() if _metrics_step(ln) <= self.step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self._metrics_file = open(path, "a", encoding="utf-8")
-
-    def _write_metrics(self, m: dict) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(m) + "\n")
-            self._metrics_file.flush()
-
-    def _close_metrics(self) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
-
-    def plot(self) -> Path | None:
-        if self.rank != 0:
-            return None
-        from .plot import plot_metrics
-
-        try:
-            return plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
-        except OSError as e:
-            self.log(f"warning: could not write loss.png ({e})")
-            return None
-
-    # ------------------------------------------------------------------ stop signals
-    def _install_signal_handlers(self) -> None:
-        self._old_handlers = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum, frame):
-            self.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, h in getattr(self, "_old_handlers", {}).items():
-            signal.signal(sig, h)
-    # ------------------------------------------------------------------ checkpoints
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out / CHECKPOINTS
-
-    def _latest_dir(self) -> Path | None:
-        p = self.ckpt_root / LATEST
-        if not p.is_file():
-            return None
-        d = self.ckpt_root / p.read_text().strip()
-        return d if (d / "state.json").is_file() else None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable weights, full-size, on the CPU; {} on ranks other than 0 (collective under FSDP)."""

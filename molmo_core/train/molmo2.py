@@ -43,8 +43,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -57,7 +55,8 @@ import torch.nn.functional as F
 
 from ..weights import load_torch_file
 from .data import Annotation, Record, load_records, split_records
-from .loop import CHECKPOINTS, LATEST, TrainError, TrainResult
+from .export import written_atomically
+from .loop import LATEST, RunFiles, TrainError, TrainResult
 from .recipe import TrainArgs, clip_per_component, make_optimizer, make_scheduler
 from .task_eval import TASK_METRICS, TaskItem, format_metrics, summarize
 
@@ -207,6 +206,8 @@ def build_example(target: Target, processor, tokenizer, end_id: int, max_crops: 
 def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: crops concatenated in order, pooling indices shifted past the earlier examples'
     patches (as transformers' processor batches), labels -100 on padding."""
+    from ..molmo2.processing import batch_images
+
     length = max(e["input_ids"].shape[1] for e in examples)
 
     def pad(key: str, value: int) -> torch.Tensor:
@@ -214,17 +215,7 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[st
 
     batch = {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0),
              "mm_token_type_ids": pad("mm_token_type_ids", 0), "labels": pad("labels", -100)}
-    imgs = [e for e in examples if "pixel_values" in e]
-    if imgs:
-        pooled, offset = [], 0
-        for e in imgs:
-            p = e["image_token_pooling"]
-            pooled.append(torch.where(p >= 0, p + offset, p))
-            offset += e["pixel_values"].shape[0] * e["pixel_values"].shape[1]
-        batch.update(pixel_values=torch.cat([e["pixel_values"] for e in imgs]),
-                     image_token_pooling=torch.cat(pooled),
-                     image_grids=torch.cat([e["image_grids"] for e in imgs]),
-                     image_num_crops=torch.cat([e["image_num_crops"] for e in imgs]))
+    batch.update(batch_images(examples))
     return batch
 
 
@@ -384,14 +375,10 @@ def load_adapter(model, adapter: str | Path, trainable: bool = False):
 def export_merged(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.float32,
                   extra: dict | None = None) -> Path:
     """Base (unquantized, `dtype`, CPU) + adapter merged -> `out` via save_pretrained, plus the base's tokenizer,
-    processor and chat-template files; written to a temporary folder and renamed into place."""
+    processor and chat-template files; written to a temporary folder, fsynced and renamed into place."""
     from transformers import Molmo2ForConditionalGeneration
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with written_atomically(out) as tmp:
         model = Molmo2ForConditionalGeneration.from_pretrained(str(base), dtype=dtype, device_map={"": "cpu"},
                                                                local_files_only=True)
         merged = load_adapter(model, adapter).merge_and_unload()
@@ -403,21 +390,11 @@ def export_merged(base: Path, adapter: Path, out: Path, dtype: torch.dtype = tor
                 shutil.copy2(f, tmp / f.name)
         if extra:
             (tmp / "finetune.json").write_text(json.dumps(extra, indent=2, default=str))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 # ----------------------------------------------------------------------------------------- trainer
-class Molmo2Trainer:
+class Molmo2Trainer(RunFiles):
     """One Molmo2 LoRA / QLoRA fine-tune: `run()` = setup() + fit() + export()."""
 
     def __init__(self, args: TrainArgs, log: Callable[[str], None] | None = None,
@@ -432,6 +409,7 @@ class Molmo2Trainer:
         self.seq_pos = 0
         self.stop_requested = False
         self._metrics_file = None
+        self.rank = 0  # one process
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Molmo2Trainer":
@@ -652,87 +630,7 @@ class Molmo2Trainer:
         self.plot()
         return result
 
-    def _record_eval(self, result: TrainResult, ev: dict[str, float]) -> None:
-        result.eval_losses.append((self.step, ev["eval_loss"]))
-        tasks = {k: v for k, v in ev.items() if k != "eval_loss"}
-        if tasks:
-            result.eval_metrics.append((self.step, tasks))
-
-    def run(self) -> TrainResult:
-        self.setup()
-        result = self.fit()
-        if self.args.export:
-            result.final, result.adapter = self.export()
-        return result
-
-    # ------------------------------------------------------------------ logging
-    def _log_step(self, m: dict) -> None:
-        eta = time.strftime("%H:%M:%S", time.gmtime(m["eta_s"]))
-        line = (f"step {m['step']:>6}/{self.max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-                f"{m['tokens_per_s']:,.0f} tok/s  eta {eta}")
-        if "eval_loss" in m:
-            line += f"  eval {m['eval_loss']:.4f}"
-            tasks = format_metrics(m)
-            line += f" ({tasks})" if tasks else ""
-        self.log(line)
-        keep = ("step", "loss", "lr", "lr_connector", "lr_vit", "tokens_per_s", "loss_tokens", "elapsed_s", "eta_s")
-        self._write_metrics({k: v for k, v in m.items() if k in keep or k.startswith(("grad_norm_", "eval_"))})
-
-    def _open_metrics(self) -> None:
-        from .loop import _metrics_step
-
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            kept = [ln for ln in path.read_text(errors="replace").splitlines() if _metrics_step(ln) <= self.step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self._metrics_file = open(path, "a", encoding="utf-8")
-
-    def _write_metrics(self, m: dict) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(m) + "\n")
-            self._metrics_file.flush()
-
-    def _close_metrics(self) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
-
-    def plot(self) -> Path | None:
-        from .plot import plot_metrics
-
-        try:
-            return plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
-        except OSError as e:
-            self.log(f"warning: could not write loss.png ({e})")
-            return None
-
-    def _install_signal_handlers(self) -> None:
-        self._old_handlers = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum, frame):
-            self.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, h in getattr(self, "_old_handlers", {}).items():
-            signal.signal(sig, h)
-
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out / CHECKPOINTS
-
-    def _latest_dir(self) -> Path | None:
-        p = self.ckpt_root / LATEST
-        if not p.is_file():
-            return None
-        d = self.ckpt_root / p.read_text().strip()
-        return d if (d / "state.json").is_file() else None
-
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N: adapter/ (peft), optimizer.pt, scheduler.pt, state.json; written to a temporary
         folder, renamed, then `latest` replaced."""
